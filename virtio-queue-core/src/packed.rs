@@ -1,0 +1,500 @@
+//! The driver side of a packed virtqueue (virtio 1.2 §2.8).
+//!
+//! One descriptor ring carries both directions. A descriptor is available
+//! when its `AVAIL` flag equals the driver's wrap counter and its `USED` flag
+//! does not; the device marks it used by making both equal its own wrap
+//! counter. The flags word is the synchronising field: the driver stores it
+//! with release after the descriptor's other fields, the device loads it
+//! with acquire, and the other way round for used descriptors.
+//!
+//! Batched publication: within a batch every descriptor is written with its
+//! final flags except the very first head, whose flags are stored last, with
+//! release, by [`PackedQueue::publish`]. The device reads descriptors in ring
+//! order and cannot get past that head, so the whole batch becomes visible
+//! with that one store.
+//!
+//! Buffer IDs come from a driver-private free list ([`crate::Slot`]); the
+//! device's used ID is only looked up after a range and in-flight check.
+
+use crate::error::{AddError, DeviceError, Error};
+use crate::layout::{off, DescFlags, LayoutError, PackedEventFlags, RingFeatures, RingFormat, RingLayout};
+use crate::notify::{need_event, packed_event_position};
+use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
+use crate::slots::{check_chain, IndirectTables, Slot, SlotStorage, SlotTable};
+use crate::split::QueueConfig;
+use crate::{Buffer, QueueAddresses, Used};
+
+/// Driver side of a packed virtqueue over caller-provided memory.
+///
+/// `T` is the caller's per-chain token; `S` holds one [`Slot`] per buffer ID,
+/// borrowed (`&mut [Slot<T>]`, the default) or owned ([`OwnedPackedQueue`]).
+pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
+    ring: SharedMemory<'a>,
+    layout: RingLayout,
+    iova: u64,
+    slots: SlotTable<T, S>,
+    indirect: Option<IndirectTables<'a>>,
+    size: u16,
+    event_idx: bool,
+    in_order: bool,
+    /// Ring position the next descriptor goes to, and the driver's wrap counter.
+    next_avail: u16,
+    avail_wrap: bool,
+    /// Ring positions not occupied by chains in flight.
+    free_positions: u16,
+    /// Ring position of the next used descriptor, and the used wrap counter.
+    next_used: u16,
+    used_wrap: bool,
+    /// Ring positions filled since the last publish.
+    positions_added: u16,
+    /// Position and flags of the batch's first head, stored by `publish`.
+    batch_head: u16,
+    batch_head_flags: u16,
+    /// IN_ORDER: chains of a used batch still to hand out, and the length
+    /// reported for its last chain.
+    batch_remaining: u16,
+    batch_last_len: u32,
+    /// The driver event suppression flags the device can see.
+    driver_event_flags: u16,
+    broken: Option<DeviceError>,
+}
+
+/// A packed queue that owns its `N` slots (no heap needed).
+pub type OwnedPackedQueue<'a, T, const N: usize> = PackedQueue<'a, T, [Slot<T>; N]>;
+
+impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
+    /// Builds a queue and zeroes its ring area (all descriptors then read as
+    /// not available for the first lap, whose wrap counter is 1).
+    pub fn new(config: QueueConfig<'a>, slots: S) -> Result<Self, LayoutError> {
+        let (layout, indirect) = config.layout(RingFormat::Packed)?;
+        let in_order = config.features.contains(RingFeatures::IN_ORDER);
+        let slots = SlotTable::new(slots, config.queue_size, in_order)?;
+        if let Some(r) = config.ring.slice(0, layout.size()) {
+            r.zero();
+        }
+        Ok(PackedQueue {
+            ring: config.ring,
+            layout,
+            iova: config.ring_iova,
+            slots,
+            indirect,
+            size: config.queue_size,
+            event_idx: config.features.contains(RingFeatures::EVENT_IDX),
+            in_order,
+            next_avail: 0,
+            avail_wrap: true,
+            free_positions: config.queue_size,
+            next_used: 0,
+            used_wrap: true,
+            positions_added: 0,
+            batch_head: 0,
+            batch_head_flags: 0,
+            batch_remaining: 0,
+            batch_last_len: 0,
+            driver_event_flags: PackedEventFlags::Enable as u16,
+            broken: None,
+        })
+    }
+
+    /// The layout of the ring area.
+    pub fn layout(&self) -> RingLayout {
+        self.layout
+    }
+
+    /// Device addresses of the descriptor ring and the driver and device
+    /// event suppression structures.
+    pub fn addresses(&self) -> QueueAddresses {
+        QueueAddresses {
+            desc: self.iova,
+            driver: self.iova + self.layout.driver_offset() as u64,
+            device: self.iova + self.layout.device_offset() as u64,
+        }
+    }
+
+    /// Entries in the queue.
+    pub fn queue_size(&self) -> u16 {
+        self.size
+    }
+
+    /// Free ring positions.
+    pub fn free_descriptors(&self) -> u16 {
+        self.free_positions
+    }
+
+    /// Chains added and not yet completed.
+    pub fn in_flight(&self) -> u16 {
+        self.slots.in_flight()
+    }
+
+    /// The device error that broke the queue, if any.
+    pub fn broken(&self) -> Option<DeviceError> {
+        self.broken
+    }
+
+    /// Most buffers one chain may have.
+    pub fn max_chain_buffers(&self) -> usize {
+        let direct = self.size as usize;
+        self.indirect.map_or(direct, |t| direct.max(t.entries() as usize))
+    }
+
+    #[inline(always)]
+    fn check_broken(&self) -> Result<(), Error> {
+        match self.broken {
+            None => Ok(()),
+            Some(e) => Err(Error::Broken(e)),
+        }
+    }
+
+    #[inline(always)]
+    fn fail(&mut self, e: DeviceError) -> Error {
+        self.broken = Some(e);
+        Error::Broken(e)
+    }
+
+    /// `AVAIL`/`USED` bits that mark a descriptor available in lap `wrap`.
+    #[inline(always)]
+    fn avail_bits(wrap: bool) -> u16 {
+        if wrap {
+            DescFlags::AVAIL.bits()
+        } else {
+            DescFlags::USED.bits()
+        }
+    }
+
+    /// Adds a chain of `readable` then `writable` buffers, not yet visible to
+    /// the device (see [`publish`](Self::publish)). With indirect tables, a
+    /// chain of 2 or more buffers that fits its table takes one ring position.
+    ///
+    /// On error nothing changed and the token comes back in the [`AddError`].
+    #[inline]
+    pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
+        match self.add_inner(readable, writable) {
+            Ok((id, positions, w)) => {
+                self.slots.commit(id, id, 1, positions, token, w);
+                Ok(())
+            }
+            Err(error) => Err(AddError { error, token }),
+        }
+    }
+
+    #[inline(always)]
+    fn add_inner(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<(u16, u16, u32), Error> {
+        self.check_broken()?;
+        let info = check_chain(readable, writable)?;
+        let n = info.buffers;
+        let table = match self.indirect {
+            Some(t) if n > 1 && n <= t.entries() as usize => Some(t),
+            _ => None,
+        };
+        let positions = if table.is_some() { 1 } else { n };
+        if table.is_none() && n > self.size as usize {
+            return Err(Error::TooManyBuffers { buffers: n, max: self.max_chain_buffers() });
+        }
+        if positions > self.free_positions as usize || self.slots.num_free() == 0 {
+            return Err(Error::QueueFull);
+        }
+        // Checks done: from here on the chain is written and committed.
+        let id = self.slots.free_head();
+        let first_of_batch = self.positions_added == 0;
+        let head = self.next_avail;
+        let head_flags;
+        if let Some(t) = table {
+            let (toff, tiova) = t.table(id);
+            let mem = t.mem();
+            let mut at = toff;
+            for (b, flags) in readable.iter().map(|b| (b, 0)).chain(writable.iter().map(|b| (b, DescFlags::WRITE.bits()))) {
+                // SAFETY: `id < size` (index invariant) and fewer than `entries`
+                // descriptors, inside the tables `check` measured.
+                unsafe { write_table_desc(mem, at, b.addr, b.len, id, flags) };
+                at += off::DESC_SIZE;
+            }
+            // SAFETY: `head < size`, inside the descriptor ring.
+            unsafe { write_desc_data(&self.ring, head, tiova, (n * off::DESC_SIZE) as u32, id) };
+            head_flags = DescFlags::INDIRECT.bits() | Self::avail_bits(self.avail_wrap);
+            self.advance_avail();
+        } else {
+            let mut left = n;
+            let mut first = true;
+            let mut hf = 0;
+            for (b, flags) in readable.iter().map(|b| (b, 0)).chain(writable.iter().map(|b| (b, DescFlags::WRITE.bits()))) {
+                left -= 1;
+                let pos = self.next_avail;
+                let flags = flags | if left > 0 { DescFlags::NEXT.bits() } else { 0 } | Self::avail_bits(self.avail_wrap);
+                // SAFETY: `pos < size`, inside the descriptor ring.
+                unsafe { write_desc_data(&self.ring, pos, b.addr, b.len, id) };
+                if first {
+                    hf = flags;
+                    first = false;
+                } else {
+                    // Not a head: invisible until the device gets past the
+                    // head, which is stored after this.
+                    // SAFETY: `pos < size`, inside the descriptor ring.
+                    unsafe { self.ring.store_u16(pos as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, flags, Ordering::Relaxed) };
+                }
+                self.advance_avail();
+            }
+            head_flags = hf;
+        }
+        if first_of_batch {
+            self.batch_head = head;
+            self.batch_head_flags = head_flags;
+        } else {
+            // A later head of the batch: the device reaches it only after the
+            // batch's first head, which `publish` stores with release.
+            // SAFETY: `head < size`, inside the descriptor ring.
+            unsafe { self.ring.store_u16(head as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, head_flags, Ordering::Relaxed) };
+        }
+        self.free_positions -= positions as u16;
+        self.positions_added += positions as u16;
+        Ok((id, positions as u16, info.writable))
+    }
+
+    #[inline(always)]
+    fn advance_avail(&mut self) {
+        self.next_avail += 1;
+        if self.next_avail == self.size {
+            self.next_avail = 0;
+            self.avail_wrap = !self.avail_wrap;
+        }
+    }
+
+    /// Makes every chain added since the last call visible to the device with
+    /// one release store (the batch's first head flags), and says whether the
+    /// device must be notified according to its event suppression structure.
+    #[inline]
+    pub fn publish(&mut self) -> Result<bool, Error> {
+        self.check_broken()?;
+        if self.positions_added == 0 {
+            return Ok(false);
+        }
+        // Release: every descriptor of the batch was written before.
+        // SAFETY: `batch_head < size`, inside the descriptor ring.
+        unsafe {
+            self.ring.store_u16(
+                self.batch_head as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS,
+                self.batch_head_flags,
+                Ordering::Release,
+            )
+        };
+        self.slots.publish();
+        let new = self.next_avail;
+        let old = new.wrapping_sub(self.positions_added);
+        self.positions_added = 0;
+        fence_store_before_load();
+        let dev = self.layout.device_offset();
+        // SAFETY: the device event suppression structure is inside the checked layout.
+        let flags = unsafe { self.ring.load_u16(dev + off::EVENT_FLAGS, Ordering::Relaxed) } & 3;
+        Ok(match flags {
+            f if f == PackedEventFlags::Disable as u16 => false,
+            f if f == PackedEventFlags::Desc as u16 && self.event_idx => {
+                // SAFETY: as above.
+                let off_wrap = unsafe { self.ring.load_u16(dev + off::EVENT_OFF_WRAP, Ordering::Relaxed) };
+                // `new` is on the current lap's continuum (`avail_wrap`);
+                // `old` may lie one lap behind, which the wrapping arithmetic covers.
+                need_event(packed_event_position(off_wrap, self.avail_wrap, self.size), new, old)
+            }
+            // Enable, and values a correct device does not write: notify.
+            _ => true,
+        })
+    }
+
+    /// Whether the descriptor at `pos` is used in lap `wrap`.
+    #[inline(always)]
+    fn is_used(&self, pos: u16, wrap: bool) -> bool {
+        // Acquire: the id and length the device wrote before the flags are visible.
+        // SAFETY: callers pass `pos < size`, inside the descriptor ring.
+        let flags = unsafe { self.ring.load_u16(pos as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, Ordering::Acquire) };
+        let avail = flags & DescFlags::AVAIL.bits() != 0;
+        let used = flags & DescFlags::USED.bits() != 0;
+        avail == used && used == wrap
+    }
+
+    #[inline(always)]
+    fn used_desc(&self, pos: u16) -> (u32, u32) {
+        let at = pos as usize * off::DESC_SIZE;
+        // SAFETY: `pos < size`, inside the descriptor ring.
+        unsafe { (u32::from(self.ring.read_u16(at + off::PACKED_DESC_ID)), self.ring.read_u32(at + off::PACKED_DESC_LEN)) }
+    }
+
+    #[inline(always)]
+    fn advance_used(&mut self, ring_descs: u16) {
+        // `ring_descs <= size`, so one subtraction brings the position back into range.
+        let p = u32::from(self.next_used) + u32::from(ring_descs);
+        if p >= u32::from(self.size) {
+            self.next_used = (p - u32::from(self.size)) as u16;
+            self.used_wrap = !self.used_wrap;
+        } else {
+            self.next_used = p as u16;
+        }
+        self.free_positions += ring_descs;
+    }
+
+    /// Takes the next chain the device has used, if any. Every value the
+    /// device wrote is checked first; a bad one breaks the queue.
+    #[inline]
+    pub fn pop_used(&mut self) -> Result<Option<Used<T>>, Error> {
+        self.check_broken()?;
+        if self.in_order {
+            return self.pop_used_in_order();
+        }
+        let pos = self.next_used;
+        if !self.is_used(pos, self.used_wrap) {
+            return Ok(None);
+        }
+        if self.slots.published_in_flight() == 0 {
+            return Err(self.fail(DeviceError::UsedWithoutInFlight { position: pos }));
+        }
+        let (id, len) = self.used_desc(pos);
+        match self.slots.complete(id, len) {
+            Ok(done) => {
+                self.advance_used(done.ring_descs);
+                Ok(Some(Used { token: done.token, len }))
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// IN_ORDER: one used descriptor may stand for a batch; it carries the ID
+    /// of the batch's last buffer and the device skips forward by the whole
+    /// batch's descriptors (§2.8.9 with VIRTIO_F_IN_ORDER).
+    fn pop_used_in_order(&mut self) -> Result<Option<Used<T>>, Error> {
+        if self.batch_remaining == 0 {
+            let pos = self.next_used;
+            if !self.is_used(pos, self.used_wrap) {
+                return Ok(None);
+            }
+            let in_flight = self.slots.published_in_flight();
+            if in_flight == 0 {
+                return Err(self.fail(DeviceError::UsedWithoutInFlight { position: pos }));
+            }
+            let (id, len) = self.used_desc(pos);
+            match self.slots.in_order_batch(id, len, in_flight) {
+                Ok(k) => {
+                    self.batch_remaining = k;
+                    self.batch_last_len = len;
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        let Some(done) = self.slots.complete_oldest() else {
+            return Ok(None);
+        };
+        self.batch_remaining -= 1;
+        let len = if self.batch_remaining == 0 { self.batch_last_len } else { done.writable };
+        self.advance_used(done.ring_descs);
+        Ok(Some(Used { token: done.token, len }))
+    }
+
+    #[inline(always)]
+    fn set_driver_event_flags(&mut self, flags: PackedEventFlags, order: Ordering) {
+        let flags = flags as u16;
+        if self.driver_event_flags != flags {
+            self.driver_event_flags = flags;
+            // SAFETY: the driver event suppression structure is inside the checked layout.
+            unsafe { self.ring.store_u16(self.layout.driver_offset() + off::EVENT_FLAGS, flags, order) };
+        }
+    }
+
+    /// Asks the device not to send used-buffer notifications.
+    #[inline]
+    pub fn disable_used_notifications(&mut self) {
+        self.set_driver_event_flags(PackedEventFlags::Disable, Ordering::Relaxed);
+    }
+
+    /// Asks for a notification at the next used descriptor. Returns `true` if
+    /// one is already there, in which case the caller must poll instead of
+    /// waiting. The request is stored, then a full fence orders it before the
+    /// re-check of the next used descriptor.
+    #[inline]
+    pub fn enable_used_notifications(&mut self) -> Result<bool, Error> {
+        self.arm_used_notification(0)
+    }
+
+    /// Like [`enable_used_notifications`](Self::enable_used_notifications), but
+    /// with EVENT_IDX asks for the notification only once the device has used
+    /// about three quarters of the ring positions in flight. Returns `true` if
+    /// it already has.
+    #[inline]
+    pub fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error> {
+        let bufs = if self.event_idx {
+            (u32::from(self.size - self.free_positions) * 3 / 4) as u16
+        } else {
+            0
+        };
+        self.arm_used_notification(bufs)
+    }
+
+    fn arm_used_notification(&mut self, bufs: u16) -> Result<bool, Error> {
+        self.check_broken()?;
+        let (mut pos, mut wrap) = (u32::from(self.next_used) + u32::from(bufs), self.used_wrap);
+        if pos >= u32::from(self.size) {
+            pos -= u32::from(self.size);
+            wrap = !wrap;
+        }
+        let pos = pos as u16;
+        if self.event_idx {
+            let off_wrap = pos | (u16::from(wrap) << 15);
+            // SAFETY: the driver event suppression structure is inside the checked layout.
+            unsafe { self.ring.store_u16(self.layout.driver_offset() + off::EVENT_OFF_WRAP, off_wrap, Ordering::Relaxed) };
+            // Release: a device that sees DESC also sees the position above.
+            self.driver_event_flags = u16::MAX;
+            self.set_driver_event_flags(PackedEventFlags::Desc, Ordering::Release);
+        } else {
+            self.set_driver_event_flags(PackedEventFlags::Enable, Ordering::Relaxed);
+        }
+        fence_store_before_load();
+        Ok(self.batch_remaining > 0 || self.is_used(pos, wrap))
+    }
+
+    /// Forgets every chain (giving each token to `each`), clears the broken
+    /// state and zeroes the ring, as after a device reset. Call it only once
+    /// the device has stopped using the queue.
+    pub fn reset(&mut self, each: impl FnMut(T)) {
+        self.slots.reset(each);
+        if let Some(r) = self.ring.slice(0, self.layout.size()) {
+            r.zero();
+        }
+        self.next_avail = 0;
+        self.avail_wrap = true;
+        self.free_positions = self.size;
+        self.next_used = 0;
+        self.used_wrap = true;
+        self.positions_added = 0;
+        self.batch_remaining = 0;
+        self.driver_event_flags = PackedEventFlags::Enable as u16;
+        self.broken = None;
+    }
+}
+
+/// Writes the data fields of the ring descriptor at `pos` (not its flags).
+///
+/// # Safety
+///
+/// `pos` is below the queue size of the checked layout in `mem`.
+#[inline(always)]
+unsafe fn write_desc_data(mem: &SharedMemory<'_>, pos: u16, addr: u64, len: u32, id: u16) {
+    let at = pos as usize * off::DESC_SIZE;
+    // SAFETY: forwarded contract; fields at their natural alignment.
+    unsafe {
+        mem.write_u64(at + off::PACKED_DESC_ADDR, addr);
+        mem.write_u32(at + off::PACKED_DESC_LEN, len);
+        mem.write_u16(at + off::PACKED_DESC_ID, id);
+    }
+}
+
+/// Writes one descriptor of an indirect table; there every field is data,
+/// flags included (the table is published by the ring descriptor).
+///
+/// # Safety
+///
+/// `at` is 16-aligned and `at + 16 <= mem.len()`.
+#[inline(always)]
+unsafe fn write_table_desc(mem: &SharedMemory<'_>, at: usize, addr: u64, len: u32, id: u16, flags: u16) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        mem.write_u64(at + off::PACKED_DESC_ADDR, addr);
+        mem.write_u32(at + off::PACKED_DESC_LEN, len);
+        mem.write_u16(at + off::PACKED_DESC_ID, id);
+        mem.write_u16(at + off::PACKED_DESC_FLAGS, flags);
+    }
+}

@@ -1,0 +1,407 @@
+//! Memory shared with the device: the only code that touches it.
+//!
+//! The device may read or write ring memory at any moment, so the driver never
+//! forms a Rust reference to it: every access is an atomic operation of the
+//! field's natural width through a raw pointer. Two kinds of field exist, and
+//! each field is always accessed as one kind by both sides:
+//!
+//! * **Synchronising fields** (`load_*`/`store_*`, explicit [`Ordering`]): the
+//!   split avail and used indices, the split ring flags and event indices, the
+//!   packed descriptor flags and the packed event suppression structures. They
+//!   hand ownership of other memory from one side to the other.
+//! * **Data fields** (`read_*`/`write_*`, relaxed): descriptor contents, avail
+//!   ring entries, used elements. They are only ever read after an acquire that
+//!   synchronises with the release that followed their writing, so relaxed
+//!   atomics are enough; being atomic at all keeps a racing (hostile) device
+//!   from turning a data race into undefined behaviour on our side.
+//!
+//! Under `cfg(loom)` the same API is backed by loom atomics for synchronising
+//! fields and by `loom::cell::UnsafeCell` for data fields, so the loom models
+//! run the real queue code and loom reports any data-field access that is not
+//! ordered by the synchronising fields: exactly the "device reads a descriptor
+//! before it was published" bug.
+
+#[cfg(not(loom))]
+pub use core::sync::atomic::Ordering;
+#[cfg(loom)]
+pub use loom::sync::atomic::Ordering;
+
+/// 64 bytes of shared memory, cache-line aligned: the unit a ring area is made of.
+///
+/// A ring area must start on a 16-byte boundary (descriptor alignment); using
+/// whole cache lines also keeps the driver-written and device-written areas of
+/// a [`RingLayout`](crate::layout::RingLayout) on separate lines.
+#[repr(C, align(64))]
+pub struct SharedLine {
+    #[cfg(not(loom))]
+    words: [core::sync::atomic::AtomicU32; 16],
+    #[cfg(loom)]
+    sync: [loom::sync::atomic::AtomicU16; 32],
+    #[cfg(loom)]
+    data: [loom::cell::UnsafeCell<u16>; 32],
+}
+
+impl SharedLine {
+    /// A zeroed line, for initialising arrays: `[SharedLine::ZERO; N]`.
+    #[cfg(not(loom))]
+    #[allow(clippy::declare_interior_mutable_const)]
+    pub const ZERO: SharedLine = SharedLine { words: [const { core::sync::atomic::AtomicU32::new(0) }; 16] };
+
+    /// A zeroed line.
+    pub fn new() -> Self {
+        #[cfg(not(loom))]
+        {
+            SharedLine::ZERO
+        }
+        #[cfg(loom)]
+        {
+            SharedLine {
+                sync: core::array::from_fn(|_| loom::sync::atomic::AtomicU16::new(0)),
+                data: core::array::from_fn(|_| loom::cell::UnsafeCell::new(0)),
+            }
+        }
+    }
+}
+
+impl Default for SharedLine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A window of memory that the device can see, starting on a 16-byte boundary.
+///
+/// `SharedMemory` is a copyable view: the driver queue, the device model of
+/// a test and an indirect-table allocator may all hold one over the same
+/// memory. It never hands out references to the bytes, only atomic accesses.
+#[derive(Clone, Copy)]
+pub struct SharedMemory<'a> {
+    #[cfg(not(loom))]
+    base: core::ptr::NonNull<u8>,
+    #[cfg(not(loom))]
+    _lines: core::marker::PhantomData<&'a [SharedLine]>,
+    #[cfg(loom)]
+    lines: &'a [SharedLine],
+    #[cfg(loom)]
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: every access through `SharedMemory` is atomic (or, under loom, checked
+// by loom), so sharing and sending the view between threads cannot create a
+// data race on the Rust side.
+unsafe impl Send for SharedMemory<'_> {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SharedMemory<'_> {}
+
+impl core::fmt::Debug for SharedMemory<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SharedMemory").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+impl<'a> SharedMemory<'a> {
+    /// Shared memory made of whole lines: always valid and aligned.
+    pub fn new(lines: &'a [SharedLine]) -> Self {
+        let len = core::mem::size_of_val(lines);
+        #[cfg(not(loom))]
+        {
+            SharedMemory {
+                base: core::ptr::NonNull::from(lines).cast::<u8>(),
+                _lines: core::marker::PhantomData,
+                len,
+            }
+        }
+        #[cfg(loom)]
+        {
+            SharedMemory { lines, start: 0, len }
+        }
+    }
+
+    /// Shared memory at a raw address, such as an `mmap` of memory registered
+    /// with the device. Returns `None` if `base` is not 16-byte aligned.
+    ///
+    /// # Safety
+    ///
+    /// For `'a`, the `len` bytes at `base` must stay mapped, readable and
+    /// writable, and must not be accessed by this process other than through
+    /// `SharedMemory` views or other atomic operations (the device, another
+    /// process, may access them in any way).
+    #[cfg(not(loom))]
+    pub unsafe fn from_raw_parts(base: core::ptr::NonNull<u8>, len: usize) -> Option<Self> {
+        if (base.as_ptr() as usize) % 16 != 0 {
+            return None;
+        }
+        Some(SharedMemory { base, _lines: core::marker::PhantomData, len })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The process address of the first byte (what a transport translates to a
+    /// device address).
+    #[cfg(not(loom))]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// The sub-window `[offset, offset + len)`, or `None` if it is out of
+    /// bounds or `offset` is not a multiple of 16.
+    pub fn slice(&self, offset: usize, len: usize) -> Option<SharedMemory<'a>> {
+        let end = offset.checked_add(len)?;
+        if end > self.len || offset % 16 != 0 {
+            return None;
+        }
+        #[cfg(not(loom))]
+        {
+            // SAFETY: `offset <= self.len`, so the result stays inside (or one
+            // past the end of) the memory `self` covers.
+            let base = unsafe { self.base.add(offset) };
+            Some(SharedMemory { base, _lines: core::marker::PhantomData, len })
+        }
+        #[cfg(loom)]
+        {
+            Some(SharedMemory { lines: self.lines, start: self.start + offset, len })
+        }
+    }
+
+    /// Copies `bytes` into the window at `offset` with byte-wide relaxed atomic
+    /// stores; `false` if out of bounds. For tests and fuzzing that play a
+    /// device scribbling over memory.
+    #[cfg(not(loom))]
+    pub fn write_bytes(&self, offset: usize, bytes: &[u8]) -> bool {
+        let Some(end) = offset.checked_add(bytes.len()) else { return false };
+        if end > self.len {
+            return false;
+        }
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: `offset + i < end <= self.len`, inside the window; a byte
+            // has no alignment requirement; accesses are atomic (module docs).
+            unsafe { core::sync::atomic::AtomicU8::from_ptr(self.base.as_ptr().add(offset + i)) }
+                .store(*b, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Copies bytes out of the window at `offset`; `false` if out of bounds.
+    #[cfg(not(loom))]
+    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) -> bool {
+        let Some(end) = offset.checked_add(out.len()) else { return false };
+        if end > self.len {
+            return false;
+        }
+        for (i, b) in out.iter_mut().enumerate() {
+            // SAFETY: as in `write_bytes`.
+            *b = unsafe { core::sync::atomic::AtomicU8::from_ptr(self.base.as_ptr().add(offset + i)) }
+                .load(Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+impl SharedMemory<'_> {
+    /// Zeroes the whole window (both field kinds under loom). Only done while
+    /// the device does not yet know the memory.
+    pub(crate) fn zero(&self) {
+        let mut off = 0;
+        while off + 2 <= self.len {
+            // SAFETY: `off` is even and `off + 2 <= len`.
+            unsafe {
+                self.store_u16(off, 0, Ordering::Relaxed);
+                #[cfg(loom)]
+                self.write_u16(off, 0);
+            }
+            off += 2;
+        }
+    }
+}
+
+/// Generates the accessor pairs. Every accessor has the same contract:
+///
+/// # Safety
+///
+/// `off` is a multiple of the field's width and `off + width <= self.len()`.
+/// Callers derive `off` from a [`RingLayout`](crate::layout::RingLayout) that
+/// was checked against `len()` when the queue was built, and from indices that
+/// are below the queue size.
+#[cfg(not(loom))]
+mod imp {
+    use super::*;
+    use core::sync::atomic::{AtomicU16, AtomicU32};
+
+    impl SharedMemory<'_> {
+        #[inline(always)]
+        unsafe fn at16(&self, off: usize) -> &AtomicU16 {
+            // SAFETY: the caller keeps `off` inside the window and 2-aligned, the
+            // window's base is 16-aligned, and the memory is only ever accessed
+            // atomically (module docs), as `from_ptr` requires.
+            unsafe { AtomicU16::from_ptr(self.base.as_ptr().add(off).cast()) }
+        }
+
+        #[inline(always)]
+        unsafe fn at32(&self, off: usize) -> &AtomicU32 {
+            // SAFETY: as in `at16`, with 4-byte alignment.
+            unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(off).cast()) }
+        }
+
+        /// Loads a synchronising 16-bit field.
+        #[inline(always)]
+        pub(crate) unsafe fn load_u16(&self, off: usize, order: Ordering) -> u16 {
+            // SAFETY: forwarded caller contract.
+            u16::from_le(unsafe { self.at16(off) }.load(order))
+        }
+
+        /// Stores a synchronising 16-bit field.
+        #[inline(always)]
+        pub(crate) unsafe fn store_u16(&self, off: usize, v: u16, order: Ordering) {
+            // SAFETY: forwarded caller contract.
+            unsafe { self.at16(off) }.store(v.to_le(), order)
+        }
+
+        /// Reads a 16-bit data field.
+        #[inline(always)]
+        pub(crate) unsafe fn read_u16(&self, off: usize) -> u16 {
+            // SAFETY: forwarded caller contract.
+            u16::from_le(unsafe { self.at16(off) }.load(Ordering::Relaxed))
+        }
+
+        /// Writes a 16-bit data field.
+        #[inline(always)]
+        pub(crate) unsafe fn write_u16(&self, off: usize, v: u16) {
+            // SAFETY: forwarded caller contract.
+            unsafe { self.at16(off) }.store(v.to_le(), Ordering::Relaxed)
+        }
+
+        /// Reads a 32-bit data field.
+        #[inline(always)]
+        pub(crate) unsafe fn read_u32(&self, off: usize) -> u32 {
+            // SAFETY: forwarded caller contract.
+            u32::from_le(unsafe { self.at32(off) }.load(Ordering::Relaxed))
+        }
+
+        /// Writes a 32-bit data field.
+        #[inline(always)]
+        pub(crate) unsafe fn write_u32(&self, off: usize, v: u32) {
+            // SAFETY: forwarded caller contract.
+            unsafe { self.at32(off) }.store(v.to_le(), Ordering::Relaxed)
+        }
+
+        /// Reads a 64-bit data field.
+        #[inline(always)]
+        pub(crate) unsafe fn read_u64(&self, off: usize) -> u64 {
+            #[cfg(target_has_atomic = "64")]
+            {
+                // SAFETY: forwarded caller contract (8-aligned, inside the window).
+                let a = unsafe { core::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(off).cast()) };
+                u64::from_le(a.load(Ordering::Relaxed))
+            }
+            #[cfg(not(target_has_atomic = "64"))]
+            {
+                // SAFETY: forwarded caller contract; both halves are inside the field.
+                let (lo, hi) = unsafe { (self.read_u32(off), self.read_u32(off + 4)) };
+                u64::from(lo) | (u64::from(hi) << 32)
+            }
+        }
+
+        /// Writes a 64-bit data field (as two halves where the target has no
+        /// 64-bit atomics; the field is ordered by a synchronising field anyway).
+        #[inline(always)]
+        pub(crate) unsafe fn write_u64(&self, off: usize, v: u64) {
+            #[cfg(target_has_atomic = "64")]
+            {
+                // SAFETY: forwarded caller contract (8-aligned, inside the window).
+                let a = unsafe { core::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(off).cast()) };
+                a.store(v.to_le(), Ordering::Relaxed)
+            }
+            #[cfg(not(target_has_atomic = "64"))]
+            {
+                // SAFETY: forwarded caller contract; both halves are inside the field.
+                unsafe {
+                    self.write_u32(off, v as u32);
+                    self.write_u32(off + 4, (v >> 32) as u32);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(loom)]
+mod imp {
+    use super::*;
+
+    impl SharedMemory<'_> {
+        fn slot(&self, off: usize) -> (&SharedLine, usize) {
+            let abs = self.start + off;
+            (&self.lines[abs / 64], (abs % 64) / 2)
+        }
+
+        pub(crate) unsafe fn load_u16(&self, off: usize, order: Ordering) -> u16 {
+            let (l, i) = self.slot(off);
+            l.sync[i].load(order)
+        }
+
+        pub(crate) unsafe fn store_u16(&self, off: usize, v: u16, order: Ordering) {
+            let (l, i) = self.slot(off);
+            l.sync[i].store(v, order)
+        }
+
+        pub(crate) unsafe fn read_u16(&self, off: usize) -> u16 {
+            let (l, i) = self.slot(off);
+            // SAFETY: loom checks that this read does not race with a write.
+            l.data[i].with(|p| unsafe { *p })
+        }
+
+        pub(crate) unsafe fn write_u16(&self, off: usize, v: u16) {
+            let (l, i) = self.slot(off);
+            // SAFETY: loom checks that this write does not race with another access.
+            l.data[i].with_mut(|p| unsafe { *p = v })
+        }
+
+        pub(crate) unsafe fn read_u32(&self, off: usize) -> u32 {
+            // SAFETY: forwarded caller contract.
+            unsafe { u32::from(self.read_u16(off)) | (u32::from(self.read_u16(off + 2)) << 16) }
+        }
+
+        pub(crate) unsafe fn write_u32(&self, off: usize, v: u32) {
+            // SAFETY: forwarded caller contract.
+            unsafe {
+                self.write_u16(off, v as u16);
+                self.write_u16(off + 2, (v >> 16) as u16);
+            }
+        }
+
+        pub(crate) unsafe fn read_u64(&self, off: usize) -> u64 {
+            // SAFETY: forwarded caller contract.
+            unsafe { u64::from(self.read_u32(off)) | (u64::from(self.read_u32(off + 4)) << 32) }
+        }
+
+        pub(crate) unsafe fn write_u64(&self, off: usize, v: u64) {
+            // SAFETY: forwarded caller contract.
+            unsafe {
+                self.write_u32(off, v as u32);
+                self.write_u32(off + 4, (v >> 32) as u32);
+            }
+        }
+    }
+}
+
+/// Full fence between a store that tells the other side something (a new avail
+/// index, a new `used_event`, a re-enabled notification flag) and the load that
+/// reads what the other side told us (its event index or flags, or the used
+/// index). Without it the two sides can each miss the other's store (the
+/// store-buffering pattern) and a kick or a used-buffer notification is lost;
+/// release/acquire does not order a store before a later load.
+#[inline(always)]
+pub(crate) fn fence_store_before_load() {
+    #[cfg(not(loom))]
+    core::sync::atomic::fence(Ordering::SeqCst);
+    #[cfg(loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}

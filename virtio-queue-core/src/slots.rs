@@ -1,0 +1,427 @@
+//! Driver-private per-chain state: tokens, the free list, in-flight checks.
+//!
+//! Nothing here lives in device-visible memory, so nothing here can be
+//! changed by the device. A slot is indexed by what the device returns as the
+//! used id: the head descriptor index for split queues, the buffer ID for
+//! packed queues. The device's used id is only ever *looked up* here after a
+//! range check; it never becomes a free-list link.
+//!
+//! # Index invariant
+//!
+//! Every `u16` index stored in a [`SlotTable`] (`free_head`, `free_tail`,
+//! `fifo_head` and the `next_free`, `last` and `fifo` fields of each slot) is
+//! below `size`, and the storage holds at least `size` slots (checked by
+//! [`SlotTable::new`]; [`SlotStorage`] promises the length never changes).
+//! This is what lets the unchecked slot accesses below skip bounds checks.
+
+use crate::error::DeviceError;
+use crate::layout::LayoutError;
+use crate::shared::SharedMemory;
+
+/// Driver-private state of one chain slot. Arrays of these are given to a
+/// queue as its [`SlotStorage`]; their contents are managed by the queue.
+#[derive(Debug)]
+pub struct Slot<T> {
+    token: Option<T>,
+    /// Next entry of the free list.
+    next_free: u16,
+    /// Last entry of this chain's run on the free list (split direct chains
+    /// take one entry per descriptor; everything else takes one).
+    last: u16,
+    /// Free-list entries the chain took.
+    ids: u16,
+    /// Ring descriptors (split) or ring positions (packed) the chain occupies.
+    ring_descs: u16,
+    /// In-order mode: entry of the FIFO of in-flight chains, by age.
+    fifo: u16,
+    /// Total length of the chain's device-writable buffers.
+    writable: u32,
+    /// Submission sequence number, to tell published chains from pending ones.
+    seq: u32,
+}
+
+impl<T> Slot<T> {
+    /// An empty slot.
+    pub const fn new() -> Self {
+        Slot { token: None, next_free: 0, last: 0, ids: 0, ring_descs: 0, fifo: 0, writable: 0, seq: 0 }
+    }
+
+    /// An array of empty slots, for the owning (`const N`) queue variants.
+    pub fn array<const N: usize>() -> [Slot<T>; N] {
+        core::array::from_fn(|_| Slot::new())
+    }
+}
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot::new()
+    }
+}
+
+/// Storage for a queue's slots: a borrowed slice or an owned array.
+///
+/// # Safety
+///
+/// Implementations must return slices of the same length on every call for
+/// as long as the value exists; the queue relies on the length it saw once.
+pub unsafe trait SlotStorage<T> {
+    /// The slots.
+    fn slots(&self) -> &[Slot<T>];
+    /// The slots, mutably.
+    fn slots_mut(&mut self) -> &mut [Slot<T>];
+}
+
+// SAFETY: a mutable slice reference always has the same length.
+unsafe impl<T> SlotStorage<T> for &mut [Slot<T>] {
+    fn slots(&self) -> &[Slot<T>] {
+        self
+    }
+    fn slots_mut(&mut self) -> &mut [Slot<T>] {
+        self
+    }
+}
+
+// SAFETY: an array has a fixed length.
+unsafe impl<T, const N: usize> SlotStorage<T> for [Slot<T>; N] {
+    fn slots(&self) -> &[Slot<T>] {
+        self
+    }
+    fn slots_mut(&mut self) -> &mut [Slot<T>] {
+        self
+    }
+}
+
+/// Per-slot indirect descriptor tables in device-visible memory (used when
+/// VIRTIO_F_INDIRECT_DESC is negotiated): slot `i` owns the `entries`
+/// descriptors at byte offset `i × entries × 16`, so a chain of up to
+/// `entries` buffers takes one ring descriptor.
+#[derive(Clone, Copy, Debug)]
+pub struct IndirectTables<'a> {
+    mem: SharedMemory<'a>,
+    iova: u64,
+    entries: u16,
+}
+
+impl<'a> IndirectTables<'a> {
+    /// Tables of `entries` descriptors each in `mem`, whose device address is `iova`.
+    /// The memory must hold `queue_size × entries × 16` bytes, checked when the
+    /// queue is built (see [`IndirectTables::bytes_needed`]).
+    pub fn new(mem: SharedMemory<'a>, iova: u64, entries: u16) -> Result<Self, LayoutError> {
+        if iova % crate::layout::DESC_ALIGN != 0 {
+            return Err(LayoutError::MisalignedAddress { addr: iova, align: crate::layout::DESC_ALIGN });
+        }
+        if entries == 0 {
+            return Err(LayoutError::IndirectTablesTooSmall);
+        }
+        Ok(IndirectTables { mem, iova, entries })
+    }
+
+    /// Bytes of memory tables of `entries` descriptors need for a queue of
+    /// `queue_size` (`None` on overflow).
+    pub const fn bytes_needed(queue_size: u16, entries: u16) -> Option<usize> {
+        (queue_size as usize).checked_mul(entries as usize * 16)
+    }
+
+    /// Descriptors per table.
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    pub(crate) fn check(&self, queue_size: u16) -> Result<(), LayoutError> {
+        let needed = Self::bytes_needed(queue_size, self.entries).ok_or(LayoutError::IndirectTablesTooSmall)?;
+        let end = self.iova.checked_add(needed as u64);
+        if self.mem.len() < needed || end.is_none() {
+            return Err(LayoutError::IndirectTablesTooSmall);
+        }
+        Ok(())
+    }
+
+    /// The table of slot `slot` (below the queue size checked by `check`):
+    /// its memory offset and device address.
+    #[inline(always)]
+    pub(crate) fn table(&self, slot: u16) -> (usize, u64) {
+        let off = slot as usize * self.entries as usize * 16;
+        (off, self.iova + off as u64)
+    }
+
+    #[inline(always)]
+    pub(crate) fn mem(&self) -> &SharedMemory<'a> {
+        &self.mem
+    }
+}
+
+/// What a chain adds up to, checked before anything is written.
+pub(crate) struct ChainInfo {
+    pub buffers: usize,
+    pub writable: u32,
+}
+
+/// Checks a chain's buffers: at least one, none empty, at most `u32::MAX`
+/// bytes in all (§2.7.13.1 / §2.8.?: a chain is at most 4 GiB).
+#[inline(always)]
+pub(crate) fn check_chain(readable: &[crate::Buffer], writable: &[crate::Buffer]) -> Result<ChainInfo, crate::Error> {
+    let buffers = readable.len() + writable.len();
+    if buffers == 0 {
+        return Err(crate::Error::EmptyChain);
+    }
+    let mut total: u64 = 0;
+    let mut any_zero = false;
+    for b in readable {
+        total += u64::from(b.len);
+        any_zero |= b.len == 0;
+    }
+    let mut w: u64 = 0;
+    for b in writable {
+        w += u64::from(b.len);
+        any_zero |= b.len == 0;
+    }
+    if any_zero {
+        return Err(crate::Error::ZeroLengthBuffer);
+    }
+    // Slices of more than 2^32 buffers cannot exist on 32-bit targets, and on
+    // 64-bit ones the sums cannot overflow u64 before exceeding u32::MAX by far.
+    if total + w > u64::from(u32::MAX) {
+        return Err(crate::Error::ChainTooLong);
+    }
+    Ok(ChainInfo { buffers, writable: w as u32 })
+}
+
+/// What completing a chain gives back.
+pub(crate) struct Completed<T> {
+    pub token: T,
+    pub writable: u32,
+    pub ring_descs: u16,
+}
+
+/// The slots of one queue plus the free list and in-flight accounting.
+pub(crate) struct SlotTable<T, S> {
+    storage: S,
+    size: u16,
+    free_head: u16,
+    free_tail: u16,
+    num_free: u16,
+    /// Chains added and not yet completed (published or not).
+    in_flight: u16,
+    /// Chains added since the last publish.
+    unpublished: u16,
+    next_seq: u32,
+    published_seq: u32,
+    /// In-order mode: FIFO position of the oldest chain in flight.
+    fifo_head: u16,
+    in_order: bool,
+    _token: core::marker::PhantomData<T>,
+}
+
+impl<T, S: SlotStorage<T>> SlotTable<T, S> {
+    pub fn new(storage: S, size: u16, in_order: bool) -> Result<Self, LayoutError> {
+        let given = storage.slots().len();
+        if given < size as usize || size == 0 {
+            return Err(LayoutError::TooFewSlots { needed: size as usize, given });
+        }
+        let mut t = SlotTable {
+            storage,
+            size,
+            free_head: 0,
+            free_tail: 0,
+            num_free: 0,
+            in_flight: 0,
+            unpublished: 0,
+            next_seq: 0,
+            published_seq: 0,
+            fifo_head: 0,
+            in_order,
+            _token: core::marker::PhantomData,
+        };
+        t.reset(|_| ());
+        Ok(t)
+    }
+
+    /// Drops every chain (handing its token to `each`) and rebuilds the free
+    /// list 0, 1, ..., size-1 (ring order, as IN_ORDER split queues need).
+    pub fn reset(&mut self, mut each: impl FnMut(T)) {
+        let size = self.size;
+        for (i, slot) in self.storage.slots_mut().iter_mut().take(size as usize).enumerate() {
+            if let Some(t) = slot.token.take() {
+                each(t);
+            }
+            let i = i as u16;
+            *slot = Slot::new();
+            slot.next_free = if i + 1 == size { 0 } else { i + 1 };
+        }
+        self.free_head = 0;
+        self.free_tail = size - 1;
+        self.num_free = size;
+        self.in_flight = 0;
+        self.unpublished = 0;
+        self.fifo_head = 0;
+        self.published_seq = self.next_seq;
+    }
+
+    #[inline(always)]
+    fn slot(&self, i: u16) -> &Slot<T> {
+        // SAFETY: index invariant (module docs): callers pass stored indices or
+        // range-checked device ids, all below `size` <= storage length.
+        unsafe { self.storage.slots().get_unchecked(i as usize) }
+    }
+
+    #[inline(always)]
+    fn slot_mut(&mut self, i: u16) -> &mut Slot<T> {
+        // SAFETY: as in `slot`.
+        unsafe { self.storage.slots_mut().get_unchecked_mut(i as usize) }
+    }
+
+    #[inline(always)]
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    #[inline(always)]
+    pub fn in_flight(&self) -> u16 {
+        self.in_flight
+    }
+
+    /// Published chains not yet completed: what the device may return.
+    #[inline(always)]
+    pub fn published_in_flight(&self) -> u16 {
+        self.in_flight - self.unpublished
+    }
+
+    /// First entry of the free list (meaningful when `num_free() > 0`).
+    #[inline(always)]
+    pub fn free_head(&self) -> u16 {
+        self.free_head
+    }
+
+    /// The free-list entry after `i` (an entry taken from the free list).
+    #[inline(always)]
+    pub fn next_free(&self, i: u16) -> u16 {
+        self.slot(i).next_free
+    }
+
+    /// Takes the run of `ids` free-list entries `head ..= last` (which the
+    /// caller walked with `free_head`/`next_free`) for a new chain.
+    #[inline(always)]
+    pub fn commit(&mut self, head: u16, last: u16, ids: u16, ring_descs: u16, token: T, writable: u32) {
+        let after = self.slot(last).next_free;
+        let seq = self.next_seq;
+        self.next_seq = seq.wrapping_add(1);
+        self.free_head = after;
+        self.num_free -= ids;
+        let s = self.slot_mut(head);
+        s.token = Some(token);
+        s.last = last;
+        s.ids = ids;
+        s.ring_descs = ring_descs;
+        s.writable = writable;
+        s.seq = seq;
+        if self.in_order {
+            let pos = self.fifo_pos(self.in_flight);
+            self.slot_mut(pos).fifo = head;
+        }
+        self.in_flight += 1;
+        self.unpublished += 1;
+    }
+
+    /// Marks every chain added so far as published.
+    #[inline(always)]
+    pub fn publish(&mut self) {
+        self.published_seq = self.next_seq;
+        self.unpublished = 0;
+    }
+
+    /// Completes chain `id` as the device reported it (any order).
+    #[inline(always)]
+    pub fn complete(&mut self, id: u32, len: u32) -> Result<Completed<T>, DeviceError> {
+        if id >= u32::from(self.size) {
+            return Err(DeviceError::UsedIdOutOfRange { id, queue_size: self.size });
+        }
+        let i = id as u16;
+        let published_seq = self.published_seq;
+        let s = self.slot_mut(i);
+        // A chain is published iff it was added before the last publish.
+        let published = (published_seq.wrapping_sub(s.seq) as i32) > 0;
+        if !published || s.token.is_none() {
+            return Err(DeviceError::UsedIdNotInFlight { id });
+        }
+        if len > s.writable {
+            return Err(DeviceError::UsedLenTooLarge { id, len, writable: s.writable });
+        }
+        let Some(token) = s.token.take() else {
+            return Err(DeviceError::UsedIdNotInFlight { id });
+        };
+        let done = Completed { token, writable: s.writable, ring_descs: s.ring_descs };
+        self.release(i);
+        Ok(done)
+    }
+
+    /// Puts chain `head`'s run of entries back at the tail of the free list,
+    /// so entries are reused in the order they were freed (ring order for
+    /// IN_ORDER queues).
+    #[inline(always)]
+    fn release(&mut self, head: u16) {
+        let (last, ids) = {
+            let s = self.slot(head);
+            (s.last, s.ids)
+        };
+        if self.num_free == 0 {
+            self.free_head = head;
+        } else {
+            let tail = self.free_tail;
+            self.slot_mut(tail).next_free = head;
+        }
+        self.free_tail = last;
+        self.num_free += ids;
+        self.in_flight -= 1;
+    }
+
+    #[inline(always)]
+    fn fifo_pos(&self, age: u16) -> u16 {
+        let p = u32::from(self.fifo_head) + u32::from(age);
+        let size = u32::from(self.size);
+        (if p >= size { p - size } else { p }) as u16
+    }
+
+    /// In-order mode: the device used chain `id` and, implicitly, every older
+    /// published chain. Returns how many chains that is, if `id` is one of the
+    /// oldest `window` published chains.
+    pub fn in_order_batch(&self, id: u32, len: u32, window: u16) -> Result<u16, DeviceError> {
+        if id >= u32::from(self.size) {
+            return Err(DeviceError::UsedIdOutOfRange { id, queue_size: self.size });
+        }
+        let window = window.min(self.published_in_flight());
+        if window == 0 {
+            return Err(DeviceError::UsedIdNotInFlight { id });
+        }
+        let mut age = 0;
+        while age < window {
+            let pos = self.fifo_pos(age);
+            if u32::from(self.slot(pos).fifo) == id {
+                let writable = self.slot(id as u16).writable;
+                if len > writable {
+                    return Err(DeviceError::UsedLenTooLarge { id, len, writable });
+                }
+                return Ok(age + 1);
+            }
+            age += 1;
+        }
+        let expected = u32::from(self.slot(self.fifo_pos(0)).fifo);
+        Err(DeviceError::UsedOutOfOrder { id, expected })
+    }
+
+    /// In-order mode: completes the oldest chain, which `in_order_batch`
+    /// showed the device has used. `None` only if nothing is in flight, which
+    /// the caller has excluded.
+    #[inline(always)]
+    pub fn complete_oldest(&mut self) -> Option<Completed<T>> {
+        if self.in_flight == 0 {
+            return None;
+        }
+        let head = self.slot(self.fifo_head).fifo;
+        let s = self.slot_mut(head);
+        let token = s.token.take()?;
+        let done = Completed { token, writable: s.writable, ring_descs: s.ring_descs };
+        self.fifo_head = self.fifo_pos(1);
+        self.release(head);
+        Some(done)
+    }
+}

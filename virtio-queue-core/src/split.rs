@@ -1,0 +1,468 @@
+//! The driver side of a split virtqueue (virtio 1.2 §2.7).
+//!
+//! Ownership of ring memory moves between driver and device through two
+//! indices. The driver writes descriptors and available-ring entries, then
+//! publishes them with one release store of `avail.idx`
+//! ([`SplitQueue::publish`]); the device writes used elements and publishes
+//! them with a release store of `used.idx`, which the driver reads with
+//! acquire ([`SplitQueue::pop_used`]). Everything else (descriptors, ring
+//! entries, used elements) is data ordered by those two stores.
+//!
+//! The descriptor free list is driver-private ([`crate::Slot`]), never the
+//! descriptors' `next` fields, so a device scribbling on the table cannot make
+//! the driver hand one descriptor to two chains.
+
+use crate::error::{AddError, DeviceError, Error};
+use crate::layout::{off, AvailFlags, DescFlags, LayoutError, RingFeatures, RingFormat, RingLayout, UsedFlags};
+use crate::notify::need_event;
+use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
+use crate::slots::{check_chain, IndirectTables, Slot, SlotStorage, SlotTable};
+use crate::{Buffer, QueueAddresses, Used};
+
+/// Everything a queue is built from except its slots.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueConfig<'a> {
+    /// Entries in the queue.
+    pub queue_size: u16,
+    /// The ring area, at least [`RingLayout::size`] bytes.
+    pub ring: SharedMemory<'a>,
+    /// Device address of the ring area's first byte (16-byte aligned).
+    pub ring_iova: u64,
+    /// Negotiated features; only the [`RingFeatures`] bits matter here.
+    pub features: RingFeatures,
+    /// Indirect tables, used when `features` has INDIRECT_DESC.
+    pub indirect: Option<IndirectTables<'a>>,
+}
+
+impl<'a> QueueConfig<'a> {
+    /// Checks the configuration against the layout of `format`.
+    pub(crate) fn layout(&self, format: RingFormat) -> Result<(RingLayout, Option<IndirectTables<'a>>), LayoutError> {
+        let layout = RingLayout::new(format, self.queue_size)?;
+        if self.ring.len() < layout.size() {
+            return Err(LayoutError::AreaTooSmall { needed: layout.size(), given: self.ring.len() });
+        }
+        if self.ring_iova % crate::layout::DESC_ALIGN != 0 || self.ring_iova.checked_add(layout.size() as u64).is_none() {
+            return Err(LayoutError::MisalignedAddress { addr: self.ring_iova, align: crate::layout::DESC_ALIGN });
+        }
+        let indirect = if self.features.contains(RingFeatures::INDIRECT_DESC) { self.indirect } else { None };
+        if let Some(t) = &indirect {
+            t.check(self.queue_size)?;
+        }
+        Ok((layout, indirect))
+    }
+}
+
+/// Used-buffer notification state the driver last wrote, to skip redundant stores.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UsedNotify {
+    Enabled,
+    Disabled,
+}
+
+/// IN_ORDER: chains of a used batch still to hand out.
+#[derive(Clone, Copy, Default)]
+struct InOrderBatch {
+    remaining: u16,
+    /// The used length the device reported for the batch's last chain.
+    last_len: u32,
+}
+
+/// Driver side of a split virtqueue over caller-provided memory.
+///
+/// `T` is the caller's per-chain token, returned by [`pop_used`](Self::pop_used).
+/// `S` holds the [`Slot`]s: `&mut [Slot<T>]` (the default) or, for callers
+/// without a heap, an owned `[Slot<T>; N]` ([`OwnedSplitQueue`]).
+pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
+    ring: SharedMemory<'a>,
+    layout: RingLayout,
+    iova: u64,
+    slots: SlotTable<T, S>,
+    indirect: Option<IndirectTables<'a>>,
+    mask: u16,
+    event_idx: bool,
+    in_order: bool,
+    /// Offsets of the ring parts, precomputed from the layout.
+    avail_ring: usize,
+    used_event: usize,
+    used_ring: usize,
+    avail_event: usize,
+    /// Free-running index of the next available-ring entry to fill.
+    avail_idx: u16,
+    /// The value of `avail.idx` the device can see.
+    published_avail: u16,
+    /// Free-running index of the next used element to read.
+    last_used: u16,
+    batch: InOrderBatch,
+    used_notify: UsedNotify,
+    broken: Option<DeviceError>,
+}
+
+/// A split queue that owns its `N` slots (no heap needed).
+pub type OwnedSplitQueue<'a, T, const N: usize> = SplitQueue<'a, T, [Slot<T>; N]>;
+
+impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
+    /// Builds a queue and zeroes its ring area. `slots` must hold at least
+    /// `config.queue_size` slots.
+    pub fn new(config: QueueConfig<'a>, slots: S) -> Result<Self, LayoutError> {
+        let (layout, indirect) = config.layout(RingFormat::Split)?;
+        let n = config.queue_size as usize;
+        let in_order = config.features.contains(RingFeatures::IN_ORDER);
+        let slots = SlotTable::new(slots, config.queue_size, in_order)?;
+        let ring = config.ring;
+        if let Some(r) = ring.slice(0, layout.size()) {
+            r.zero();
+        }
+        Ok(SplitQueue {
+            ring,
+            layout,
+            iova: config.ring_iova,
+            slots,
+            indirect,
+            mask: config.queue_size - 1,
+            event_idx: config.features.contains(RingFeatures::EVENT_IDX),
+            in_order,
+            avail_ring: layout.driver_offset() + off::AVAIL_RING,
+            used_event: layout.driver_offset() + off::AVAIL_RING + 2 * n,
+            used_ring: layout.device_offset() + off::USED_RING,
+            avail_event: layout.device_offset() + off::USED_RING + off::USED_ELEM_SIZE * n,
+            avail_idx: 0,
+            published_avail: 0,
+            last_used: 0,
+            batch: InOrderBatch::default(),
+            used_notify: UsedNotify::Enabled,
+            broken: None,
+        })
+    }
+
+    /// The layout of the ring area.
+    pub fn layout(&self) -> RingLayout {
+        self.layout
+    }
+
+    /// Device addresses of the descriptor table, available ring and used ring.
+    pub fn addresses(&self) -> QueueAddresses {
+        QueueAddresses {
+            desc: self.iova,
+            driver: self.iova + self.layout.driver_offset() as u64,
+            device: self.iova + self.layout.device_offset() as u64,
+        }
+    }
+
+    /// Entries in the queue.
+    pub fn queue_size(&self) -> u16 {
+        self.layout.queue_size()
+    }
+
+    /// Free descriptors.
+    pub fn free_descriptors(&self) -> u16 {
+        self.slots.num_free()
+    }
+
+    /// Chains added and not yet completed.
+    pub fn in_flight(&self) -> u16 {
+        self.slots.in_flight()
+    }
+
+    /// The device error that broke the queue, if any.
+    pub fn broken(&self) -> Option<DeviceError> {
+        self.broken
+    }
+
+    /// Most buffers one chain may have.
+    pub fn max_chain_buffers(&self) -> usize {
+        let direct = self.queue_size() as usize;
+        self.indirect.map_or(direct, |t| direct.max(t.entries() as usize))
+    }
+
+    #[inline(always)]
+    fn check_broken(&self) -> Result<(), Error> {
+        match self.broken {
+            None => Ok(()),
+            Some(e) => Err(Error::Broken(e)),
+        }
+    }
+
+    #[inline(always)]
+    fn fail(&mut self, e: DeviceError) -> Error {
+        self.broken = Some(e);
+        Error::Broken(e)
+    }
+
+    /// Adds a chain of `readable` then `writable` buffers, not yet visible to
+    /// the device (see [`publish`](Self::publish)). With indirect tables, a
+    /// chain of 2 or more buffers that fits its table takes one descriptor.
+    ///
+    /// On error nothing changed and the token comes back in the [`AddError`].
+    #[inline]
+    pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
+        match self.add_inner(readable, writable) {
+            Ok((head, last, ring_descs, w)) => {
+                self.slots.commit(head, last, ring_descs, ring_descs, token, w);
+                Ok(())
+            }
+            Err(error) => Err(AddError { error, token }),
+        }
+    }
+
+    /// Writes the chain into free descriptors and the next available-ring
+    /// entry; returns (head, last, descriptors, writable bytes). Writing free
+    /// descriptors and an entry beyond `avail.idx` is invisible to a correct
+    /// device, so an early return leaves the queue as it was.
+    #[inline(always)]
+    fn add_inner(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<(u16, u16, u16, u32), Error> {
+        self.check_broken()?;
+        let info = check_chain(readable, writable)?;
+        let n = info.buffers;
+        let head = self.slots.free_head();
+        let table = match self.indirect {
+            Some(t) if n > 1 && n <= t.entries() as usize => Some(t),
+            _ => None,
+        };
+        let last;
+        let ring_descs;
+        if let Some(t) = table {
+            if self.slots.num_free() == 0 {
+                return Err(Error::QueueFull);
+            }
+            let (toff, tiova) = t.table(head);
+            let mem = t.mem();
+            let mut i: u16 = 0;
+            for (b, flags) in readable.iter().map(|b| (b, 0)).chain(writable.iter().map(|b| (b, DescFlags::WRITE.bits()))) {
+                let next = i + 1;
+                let flags = if (next as usize) < n { flags | DescFlags::NEXT.bits() } else { flags };
+                // SAFETY: `head < size` (index invariant) and `i < n <= entries`,
+                // so the descriptor lies inside the tables `check` measured.
+                unsafe { write_desc(mem, toff + i as usize * off::DESC_SIZE, b.addr, b.len, flags, next) };
+                i = next;
+            }
+            // SAFETY: `head < size`, inside the descriptor table.
+            unsafe {
+                write_desc(&self.ring, head as usize * off::DESC_SIZE, tiova, (n * off::DESC_SIZE) as u32, DescFlags::INDIRECT.bits(), 0)
+            };
+            last = head;
+            ring_descs = 1;
+        } else {
+            if n > self.queue_size() as usize {
+                return Err(Error::TooManyBuffers { buffers: n, max: self.max_chain_buffers() });
+            }
+            if n > self.slots.num_free() as usize {
+                return Err(Error::QueueFull);
+            }
+            let mut id = head;
+            let mut left = n;
+            for (b, flags) in readable.iter().map(|b| (b, 0)).chain(writable.iter().map(|b| (b, DescFlags::WRITE.bits()))) {
+                left -= 1;
+                let next = self.slots.next_free(id);
+                let flags = if left > 0 { flags | DescFlags::NEXT.bits() } else { flags };
+                // SAFETY: `id` comes from the free list (index invariant), below size.
+                unsafe { write_desc(&self.ring, id as usize * off::DESC_SIZE, b.addr, b.len, flags, next) };
+                if left > 0 {
+                    id = next;
+                }
+            }
+            last = id;
+            ring_descs = n as u16;
+        }
+        let slot = (self.avail_idx & self.mask) as usize;
+        // SAFETY: `slot < size`, inside the available ring.
+        unsafe { self.ring.write_u16(self.avail_ring + 2 * slot, head) };
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        Ok((head, last, ring_descs, info.writable))
+    }
+
+    /// Makes every chain added since the last call visible to the device with
+    /// one release store of `avail.idx`, and says whether the device must be
+    /// notified: EVENT_IDX's `avail_event` fell inside the published batch, or
+    /// (without EVENT_IDX) the device did not set `VIRTQ_USED_F_NO_NOTIFY`.
+    #[inline]
+    pub fn publish(&mut self) -> Result<bool, Error> {
+        self.check_broken()?;
+        let new = self.avail_idx;
+        let old = self.published_avail;
+        if new == old {
+            return Ok(false);
+        }
+        // Release: descriptors and ring entries written before are visible
+        // to a device that acquires this index.
+        // SAFETY: the avail header is inside the checked layout.
+        unsafe { self.ring.store_u16(self.layout.driver_offset() + off::AVAIL_IDX, new, Ordering::Release) };
+        self.published_avail = new;
+        self.slots.publish();
+        fence_store_before_load();
+        if self.event_idx {
+            // SAFETY: `avail_event` is inside the used area of the checked layout.
+            let event = unsafe { self.ring.load_u16(self.avail_event, Ordering::Relaxed) };
+            Ok(need_event(event, new, old))
+        } else {
+            // SAFETY: the used header is inside the checked layout.
+            let flags = unsafe { self.ring.load_u16(self.layout.device_offset() + off::USED_FLAGS, Ordering::Relaxed) };
+            Ok(flags & UsedFlags::NO_NOTIFY.bits() == 0)
+        }
+    }
+
+    #[inline(always)]
+    fn used_idx(&self) -> u16 {
+        // Acquire: the used elements the device wrote before this index are visible.
+        // SAFETY: the used header is inside the checked layout.
+        unsafe { self.ring.load_u16(self.layout.device_offset() + off::USED_IDX, Ordering::Acquire) }
+    }
+
+    #[inline(always)]
+    fn used_elem(&self, idx: u16) -> (u32, u32) {
+        let e = self.used_ring + ((idx & self.mask) as usize) * off::USED_ELEM_SIZE;
+        // SAFETY: `idx & mask < size`, inside the used ring.
+        unsafe { (self.ring.read_u32(e + off::USED_ELEM_ID), self.ring.read_u32(e + off::USED_ELEM_LEN)) }
+    }
+
+    /// Takes the next chain the device has used, if any. Every value the
+    /// device wrote is checked first; a bad one breaks the queue.
+    #[inline]
+    pub fn pop_used(&mut self) -> Result<Option<Used<T>>, Error> {
+        self.check_broken()?;
+        if self.in_order {
+            return self.pop_used_in_order();
+        }
+        let used_idx = self.used_idx();
+        let ready = used_idx.wrapping_sub(self.last_used);
+        if ready == 0 {
+            return Ok(None);
+        }
+        let in_flight = self.slots.published_in_flight();
+        if ready > in_flight {
+            return Err(self.fail(DeviceError::UsedIndexJump { used_idx, last_used: self.last_used, in_flight }));
+        }
+        let (id, len) = self.used_elem(self.last_used);
+        match self.slots.complete(id, len) {
+            Ok(done) => {
+                self.last_used = self.last_used.wrapping_add(1);
+                Ok(Some(Used { token: done.token, len }))
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// IN_ORDER: the device may answer a batch of chains with one used element
+    /// carrying the id of the batch's last chain and move `used.idx` by the
+    /// batch size (§2.7.8 with VIRTIO_F_IN_ORDER); that element sits at the
+    /// batch's first used-ring position.
+    fn pop_used_in_order(&mut self) -> Result<Option<Used<T>>, Error> {
+        if self.batch.remaining == 0 {
+            let used_idx = self.used_idx();
+            let ready = used_idx.wrapping_sub(self.last_used);
+            if ready == 0 {
+                return Ok(None);
+            }
+            let in_flight = self.slots.published_in_flight();
+            if ready > in_flight {
+                return Err(self.fail(DeviceError::UsedIndexJump { used_idx, last_used: self.last_used, in_flight }));
+            }
+            let (id, len) = self.used_elem(self.last_used);
+            match self.slots.in_order_batch(id, len, ready) {
+                Ok(k) => self.batch = InOrderBatch { remaining: k, last_len: len },
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        let Some(done) = self.slots.complete_oldest() else {
+            // `in_order_batch` counted published chains in flight; none can be missing.
+            return Ok(None);
+        };
+        self.batch.remaining -= 1;
+        let len = if self.batch.remaining == 0 { self.batch.last_len } else { done.writable };
+        self.last_used = self.last_used.wrapping_add(1);
+        Ok(Some(Used { token: done.token, len }))
+    }
+
+    /// Asks the device not to send used-buffer notifications (a hint; the
+    /// device may still send some).
+    #[inline]
+    pub fn disable_used_notifications(&mut self) {
+        if self.used_notify == UsedNotify::Disabled {
+            return;
+        }
+        self.used_notify = UsedNotify::Disabled;
+        if self.event_idx {
+            // An event index half the counter space behind: the device only
+            // crosses it again after ~65536 completions (one spurious
+            // notification at worst).
+            // SAFETY: `used_event` is inside the avail area of the checked layout.
+            unsafe { self.ring.store_u16(self.used_event, self.last_used.wrapping_sub(0x8000), Ordering::Relaxed) };
+        } else {
+            // SAFETY: the avail header is inside the checked layout.
+            unsafe {
+                self.ring.store_u16(self.layout.driver_offset() + off::AVAIL_FLAGS, AvailFlags::NO_INTERRUPT.bits(), Ordering::Relaxed)
+            };
+        }
+    }
+
+    /// Asks for a notification at the next used chain. Returns `true` if used
+    /// chains are already waiting (arrived before the device could see the
+    /// request), in which case the caller must poll instead of waiting.
+    ///
+    /// The request (`used_event` or the flag) is stored, then a full fence
+    /// orders it before the re-read of `used.idx`: either the device sees the
+    /// request, or the driver sees the device's new index.
+    #[inline]
+    pub fn enable_used_notifications(&mut self) -> Result<bool, Error> {
+        self.arm_used_notification(0)
+    }
+
+    /// Like [`enable_used_notifications`](Self::enable_used_notifications), but
+    /// with EVENT_IDX asks for the notification only after about three
+    /// quarters of the published chains in flight have completed. Returns
+    /// `true` if that many have already completed.
+    #[inline]
+    pub fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error> {
+        let bufs = if self.event_idx { (u32::from(self.slots.published_in_flight()) * 3 / 4) as u16 } else { 0 };
+        self.arm_used_notification(bufs)
+    }
+
+    fn arm_used_notification(&mut self, bufs: u16) -> Result<bool, Error> {
+        self.check_broken()?;
+        if self.event_idx {
+            // SAFETY: `used_event` is inside the avail area of the checked layout.
+            unsafe { self.ring.store_u16(self.used_event, self.last_used.wrapping_add(bufs), Ordering::Relaxed) };
+        } else if self.used_notify == UsedNotify::Disabled {
+            // SAFETY: the avail header is inside the checked layout.
+            unsafe { self.ring.store_u16(self.layout.driver_offset() + off::AVAIL_FLAGS, 0, Ordering::Relaxed) };
+        }
+        self.used_notify = UsedNotify::Enabled;
+        fence_store_before_load();
+        let ready = self.used_idx().wrapping_sub(self.last_used);
+        Ok(ready > bufs || self.batch.remaining > 0)
+    }
+
+    /// Forgets every chain (giving each token to `each`), clears the broken
+    /// state and zeroes the ring, as after a device reset. Call it only once
+    /// the device has stopped using the queue (reset or queue disabled); a
+    /// device that goes on anyway cannot make the driver misbehave, but its
+    /// writes are lost.
+    pub fn reset(&mut self, each: impl FnMut(T)) {
+        self.slots.reset(each);
+        if let Some(r) = self.ring.slice(0, self.layout.size()) {
+            r.zero();
+        }
+        self.avail_idx = 0;
+        self.published_avail = 0;
+        self.last_used = 0;
+        self.batch = InOrderBatch::default();
+        self.used_notify = UsedNotify::Enabled;
+        self.broken = None;
+    }
+}
+
+/// Writes one split descriptor: the address, the length, then `flags` and
+/// `next` together (adjacent 16-bit fields, one 32-bit store).
+///
+/// # Safety
+///
+/// `at` is 16-aligned and `at + 16 <= mem.len()`.
+#[inline(always)]
+unsafe fn write_desc(mem: &SharedMemory<'_>, at: usize, addr: u64, len: u32, flags: u16, next: u16) {
+    // SAFETY: forwarded contract; the fields are at their natural alignment.
+    unsafe {
+        mem.write_u64(at + off::SPLIT_DESC_ADDR, addr);
+        mem.write_u32(at + off::SPLIT_DESC_LEN, len);
+        mem.write_u16(at + off::SPLIT_DESC_FLAGS, flags);
+        mem.write_u16(at + off::SPLIT_DESC_NEXT, next);
+    }
+}
