@@ -62,10 +62,9 @@ impl fmt::Display for DeviceError {
             DeviceError::UsedIdNotInFlight { id } => {
                 write!(f, "device returned used id {id}, which is not in flight")
             }
-            DeviceError::UsedLenTooLarge { id, len, writable } => write!(
-                f,
-                "device reported {len} bytes written for id {id}, which has only {writable} writable bytes"
-            ),
+            DeviceError::UsedLenTooLarge { id, len, writable } => {
+                write!(f, "device reported {len} bytes written for id {id}, which has only {writable} writable bytes")
+            }
             DeviceError::UsedIndexJump { used_idx, last_used, in_flight } => write!(
                 f,
                 "device moved the used index from {last_used} to {used_idx} with only {in_flight} chains in flight"
@@ -73,10 +72,9 @@ impl fmt::Display for DeviceError {
             DeviceError::UsedWithoutInFlight { position } => {
                 write!(f, "device marked descriptor {position} used with nothing in flight")
             }
-            DeviceError::UsedOutOfOrder { id, expected } => write!(
-                f,
-                "device used id {id} out of order (IN_ORDER negotiated, {expected} was next)"
-            ),
+            DeviceError::UsedOutOfOrder { id, expected } => {
+                write!(f, "device used id {id} out of order (IN_ORDER negotiated, {expected} was next)")
+            }
         }
     }
 }

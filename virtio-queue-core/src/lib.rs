@@ -13,10 +13,7 @@
 //! * `device` (feature `device-model`): a device side of both formats that can
 //!   misbehave on purpose, for tests, fuzzing, loom models and benchmarks.
 #![cfg_attr(not(any(loom, test)), no_std)]
-#![cfg_attr(
-    not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
-)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod layout;

@@ -180,8 +180,10 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     #[inline(always)]
     fn add_inner(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<(u16, u16, u32), Error> {
         self.check_broken()?;
-        let info = check_chain(readable, writable)?;
-        let n = info.buffers;
+        let n = readable.len() + writable.len();
+        if n == 0 {
+            return Err(Error::EmptyChain);
+        }
         let table = match self.indirect {
             Some(t) if n > 1 && n <= t.entries() as usize => Some(t),
             _ => None,
@@ -193,6 +195,10 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         if positions > self.free_positions as usize || self.slots.num_free() == 0 {
             return Err(Error::QueueFull);
         }
+        // Lengths are checked before any flags are written: a descriptor
+        // marked available stays so until overwritten, even if the chain is
+        // refused.
+        let writable_len = check_chain(readable, writable)?;
         // Checks done: from here on the chain is written and committed.
         let id = self.slots.free_head();
         let first_of_batch = self.positions_added == 0;
@@ -202,10 +208,15 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             let (toff, tiova) = t.table(id);
             let mem = t.mem();
             let mut at = toff;
-            for (b, flags) in readable.iter().map(|b| (b, 0)).chain(writable.iter().map(|b| (b, DescFlags::WRITE.bits()))) {
+            for b in readable {
                 // SAFETY: `id < size` (index invariant) and fewer than `entries`
                 // descriptors, inside the tables `check` measured.
-                unsafe { write_table_desc(mem, at, b.addr, b.len, id, flags) };
+                unsafe { write_table_desc(mem, at, b.addr, b.len, id, 0) };
+                at += off::DESC_SIZE;
+            }
+            for b in writable {
+                // SAFETY: as above.
+                unsafe { write_table_desc(mem, at, b.addr, b.len, id, DescFlags::WRITE.bits()) };
                 at += off::DESC_SIZE;
             }
             // SAFETY: `head < size`, inside the descriptor ring.
@@ -213,25 +224,34 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             head_flags = DescFlags::INDIRECT.bits() | Self::avail_bits(self.avail_wrap);
             self.advance_avail();
         } else {
-            let mut left = n;
-            let mut first = true;
+            // The head's flags are returned, not written; every other
+            // descriptor's are written as it is filled, with NEXT, and the
+            // last one's NEXT is cleared afterwards.
+            let next = DescFlags::NEXT.bits();
             let mut hf = 0;
-            for (b, flags) in readable.iter().map(|b| (b, 0)).chain(writable.iter().map(|b| (b, DescFlags::WRITE.bits()))) {
-                left -= 1;
-                let pos = self.next_avail;
-                let flags = flags | if left > 0 { DescFlags::NEXT.bits() } else { 0 } | Self::avail_bits(self.avail_wrap);
-                // SAFETY: `pos < size`, inside the descriptor ring.
-                unsafe { write_desc_data(&self.ring, pos, b.addr, b.len, id) };
-                if first {
-                    hf = flags;
-                    first = false;
-                } else {
-                    // Not a head: invisible until the device gets past the
-                    // head, which is stored after this.
-                    // SAFETY: `pos < size`, inside the descriptor ring.
-                    unsafe { self.ring.store_u16(pos as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, flags, Ordering::Relaxed) };
-                }
-                self.advance_avail();
+            let mut k = 0usize;
+            for b in readable {
+                hf = self.put_desc(b, id, next, k, hf);
+                k += 1;
+            }
+            for b in writable {
+                hf = self.put_desc(b, id, next | DescFlags::WRITE.bits(), k, hf);
+                k += 1;
+            }
+            if n == 1 {
+                hf &= !next;
+            } else {
+                let last = if self.next_avail == 0 { self.size - 1 } else { self.next_avail - 1 };
+                let last_wrap = if self.next_avail == 0 { !self.avail_wrap } else { self.avail_wrap };
+                let w = if writable.is_empty() { 0 } else { DescFlags::WRITE.bits() };
+                // SAFETY: `last < size`, inside the descriptor ring.
+                unsafe {
+                    self.ring.store_u16(
+                        last as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS,
+                        w | Self::avail_bits(last_wrap),
+                        Ordering::Relaxed,
+                    )
+                };
             }
             head_flags = hf;
         }
@@ -242,11 +262,41 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             // A later head of the batch: the device reaches it only after the
             // batch's first head, which `publish` stores with release.
             // SAFETY: `head < size`, inside the descriptor ring.
-            unsafe { self.ring.store_u16(head as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, head_flags, Ordering::Relaxed) };
+            unsafe {
+                self.ring.store_u16(
+                    head as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS,
+                    head_flags,
+                    Ordering::Relaxed,
+                )
+            };
         }
         self.free_positions -= positions as u16;
         self.positions_added += positions as u16;
-        Ok((id, positions as u16, info.writable))
+        Ok((id, positions as u16, writable_len))
+    }
+
+    /// Fills the descriptor at `next_avail` with buffer `b` of chain `id` and
+    /// advances; the `k`-th descriptor of the chain. Returns the head's flags
+    /// (computed when `k == 0`, else `hf` unchanged). Flags of later
+    /// descriptors are stored at once: the device reaches them only after
+    /// the head, whose flags are stored last.
+    #[inline(always)]
+    fn put_desc(&mut self, b: &Buffer, id: u16, flags: u16, k: usize, hf: u16) -> u16 {
+        let pos = self.next_avail;
+        let flags = flags | Self::avail_bits(self.avail_wrap);
+        // SAFETY: `pos < size`, inside the descriptor ring.
+        unsafe { write_desc_data(&self.ring, pos, b.addr, b.len, id) };
+        let hf = if k == 0 {
+            flags
+        } else {
+            // SAFETY: as above.
+            unsafe {
+                self.ring.store_u16(pos as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, flags, Ordering::Relaxed)
+            };
+            hf
+        };
+        self.advance_avail();
+        hf
     }
 
     #[inline(always)]
@@ -303,7 +353,8 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn is_used(&self, pos: u16, wrap: bool) -> bool {
         // Acquire: the id and length the device wrote before the flags are visible.
         // SAFETY: callers pass `pos < size`, inside the descriptor ring.
-        let flags = unsafe { self.ring.load_u16(pos as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, Ordering::Acquire) };
+        let flags =
+            unsafe { self.ring.load_u16(pos as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, Ordering::Acquire) };
         let avail = flags & DescFlags::AVAIL.bits() != 0;
         let used = flags & DescFlags::USED.bits() != 0;
         avail == used && used == wrap
@@ -313,7 +364,9 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn used_desc(&self, pos: u16) -> (u32, u32) {
         let at = pos as usize * off::DESC_SIZE;
         // SAFETY: `pos < size`, inside the descriptor ring.
-        unsafe { (u32::from(self.ring.read_u16(at + off::PACKED_DESC_ID)), self.ring.read_u32(at + off::PACKED_DESC_LEN)) }
+        unsafe {
+            (u32::from(self.ring.read_u16(at + off::PACKED_DESC_ID)), self.ring.read_u32(at + off::PACKED_DESC_LEN))
+        }
     }
 
     #[inline(always)]
@@ -416,11 +469,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// it already has.
     #[inline]
     pub fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error> {
-        let bufs = if self.event_idx {
-            (u32::from(self.size - self.free_positions) * 3 / 4) as u16
-        } else {
-            0
-        };
+        let bufs = if self.event_idx { (u32::from(self.size - self.free_positions) * 3 / 4) as u16 } else { 0 };
         self.arm_used_notification(bufs)
     }
 
@@ -435,7 +484,9 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         if self.event_idx {
             let off_wrap = pos | (u16::from(wrap) << 15);
             // SAFETY: the driver event suppression structure is inside the checked layout.
-            unsafe { self.ring.store_u16(self.layout.driver_offset() + off::EVENT_OFF_WRAP, off_wrap, Ordering::Relaxed) };
+            unsafe {
+                self.ring.store_u16(self.layout.driver_offset() + off::EVENT_OFF_WRAP, off_wrap, Ordering::Relaxed)
+            };
             // Release: a device that sees DESC also sees the position above.
             self.driver_event_flags = u16::MAX;
             self.set_driver_event_flags(PackedEventFlags::Desc, Ordering::Release);

@@ -106,11 +106,7 @@ impl<'a> SharedMemory<'a> {
         let len = core::mem::size_of_val(lines);
         #[cfg(not(loom))]
         {
-            SharedMemory {
-                base: core::ptr::NonNull::from(lines).cast::<u8>(),
-                _lines: core::marker::PhantomData,
-                len,
-            }
+            SharedMemory { base: core::ptr::NonNull::from(lines).cast::<u8>(), _lines: core::marker::PhantomData, len }
         }
         #[cfg(loom)]
         {

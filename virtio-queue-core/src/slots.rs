@@ -150,40 +150,50 @@ impl<'a> IndirectTables<'a> {
     }
 }
 
-/// What a chain adds up to, checked before anything is written.
-pub(crate) struct ChainInfo {
-    pub buffers: usize,
-    pub writable: u32,
+/// Adds up a chain's buffers while they are written, then checks them: none
+/// empty, at most `u32::MAX` bytes in all (a chain is at most 4 GiB, §2.7.13.1).
+#[derive(Default)]
+pub(crate) struct ChainSum {
+    total: u64,
+    writable: u64,
+    any_zero: bool,
 }
 
-/// Checks a chain's buffers: at least one, none empty, at most `u32::MAX`
-/// bytes in all (§2.7.13.1 / §2.8.?: a chain is at most 4 GiB).
+impl ChainSum {
+    #[inline(always)]
+    pub fn add(&mut self, b: &crate::Buffer) {
+        self.total += u64::from(b.len);
+        self.any_zero |= b.len == 0;
+    }
+
+    #[inline(always)]
+    pub fn add_writable(&mut self, b: &crate::Buffer) {
+        self.writable += u64::from(b.len);
+        self.any_zero |= b.len == 0;
+    }
+
+    /// The chain's writable bytes, or why the chain is refused. (Sums cannot
+    /// overflow `u64`: slices hold far fewer than 2^32 buffers of < 2^32 bytes.)
+    #[inline(always)]
+    pub fn finish(self) -> Result<u32, crate::Error> {
+        if self.any_zero {
+            return Err(crate::Error::ZeroLengthBuffer);
+        }
+        if self.total + self.writable > u64::from(u32::MAX) {
+            return Err(crate::Error::ChainTooLong);
+        }
+        Ok(self.writable as u32)
+    }
+}
+
+/// Checks a chain's buffers before anything is written (for formats where
+/// writing is visible).
 #[inline(always)]
-pub(crate) fn check_chain(readable: &[crate::Buffer], writable: &[crate::Buffer]) -> Result<ChainInfo, crate::Error> {
-    let buffers = readable.len() + writable.len();
-    if buffers == 0 {
-        return Err(crate::Error::EmptyChain);
-    }
-    let mut total: u64 = 0;
-    let mut any_zero = false;
-    for b in readable {
-        total += u64::from(b.len);
-        any_zero |= b.len == 0;
-    }
-    let mut w: u64 = 0;
-    for b in writable {
-        w += u64::from(b.len);
-        any_zero |= b.len == 0;
-    }
-    if any_zero {
-        return Err(crate::Error::ZeroLengthBuffer);
-    }
-    // Slices of more than 2^32 buffers cannot exist on 32-bit targets, and on
-    // 64-bit ones the sums cannot overflow u64 before exceeding u32::MAX by far.
-    if total + w > u64::from(u32::MAX) {
-        return Err(crate::Error::ChainTooLong);
-    }
-    Ok(ChainInfo { buffers, writable: w as u32 })
+pub(crate) fn check_chain(readable: &[crate::Buffer], writable: &[crate::Buffer]) -> Result<u32, crate::Error> {
+    let mut sum = ChainSum::default();
+    readable.iter().for_each(|b| sum.add(b));
+    writable.iter().for_each(|b| sum.add_writable(b));
+    sum.finish()
 }
 
 /// What completing a chain gives back.

@@ -16,7 +16,7 @@ use crate::error::{AddError, DeviceError, Error};
 use crate::layout::{off, AvailFlags, DescFlags, LayoutError, RingFeatures, RingFormat, RingLayout, UsedFlags};
 use crate::notify::need_event;
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
-use crate::slots::{check_chain, IndirectTables, Slot, SlotStorage, SlotTable};
+use crate::slots::{ChainSum, IndirectTables, Slot, SlotStorage, SlotTable};
 use crate::{Buffer, QueueAddresses, Used};
 
 /// Everything a queue is built from except its slots.
@@ -41,7 +41,8 @@ impl<'a> QueueConfig<'a> {
         if self.ring.len() < layout.size() {
             return Err(LayoutError::AreaTooSmall { needed: layout.size(), given: self.ring.len() });
         }
-        if self.ring_iova % crate::layout::DESC_ALIGN != 0 || self.ring_iova.checked_add(layout.size() as u64).is_none() {
+        if self.ring_iova % crate::layout::DESC_ALIGN != 0 || self.ring_iova.checked_add(layout.size() as u64).is_none()
+        {
             return Err(LayoutError::MisalignedAddress { addr: self.ring_iova, align: crate::layout::DESC_ALIGN });
         }
         let indirect = if self.features.contains(RingFeatures::INDIRECT_DESC) { self.indirect } else { None };
@@ -92,6 +93,8 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     published_avail: u16,
     /// Free-running index of the next used element to read.
     last_used: u16,
+    /// The last `used.idx` read (and checked); entries before it are ready.
+    used_seen: u16,
     batch: InOrderBatch,
     used_notify: UsedNotify,
     broken: Option<DeviceError>,
@@ -128,6 +131,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             avail_idx: 0,
             published_avail: 0,
             last_used: 0,
+            used_seen: 0,
             batch: InOrderBatch::default(),
             used_notify: UsedNotify::Enabled,
             broken: None,
@@ -182,7 +186,16 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         }
     }
 
-    #[inline(always)]
+    #[cold]
+    fn no_room(&self, n: usize) -> Error {
+        if n > self.queue_size() as usize {
+            Error::TooManyBuffers { buffers: n, max: self.max_chain_buffers() }
+        } else {
+            Error::QueueFull
+        }
+    }
+
+    #[cold]
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         Error::Broken(e)
@@ -211,9 +224,12 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     #[inline(always)]
     fn add_inner(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<(u16, u16, u16, u32), Error> {
         self.check_broken()?;
-        let info = check_chain(readable, writable)?;
-        let n = info.buffers;
+        let n = readable.len() + writable.len();
+        if n == 0 {
+            return Err(Error::EmptyChain);
+        }
         let head = self.slots.free_head();
+        let mut sum = ChainSum::default();
         let table = match self.indirect {
             Some(t) if n > 1 && n <= t.entries() as usize => Some(t),
             _ => None,
@@ -226,48 +242,68 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             }
             let (toff, tiova) = t.table(head);
             let mem = t.mem();
-            let mut i: u16 = 0;
-            for (b, flags) in readable.iter().map(|b| (b, 0)).chain(writable.iter().map(|b| (b, DescFlags::WRITE.bits()))) {
-                let next = i + 1;
-                let flags = if (next as usize) < n { flags | DescFlags::NEXT.bits() } else { flags };
-                // SAFETY: `head < size` (index invariant) and `i < n <= entries`,
-                // so the descriptor lies inside the tables `check` measured.
-                unsafe { write_desc(mem, toff + i as usize * off::DESC_SIZE, b.addr, b.len, flags, next) };
-                i = next;
+            let mut at = toff;
+            let mut i: u16 = 1;
+            for b in readable {
+                sum.add(b);
+                // SAFETY: `head < size` (index invariant) and fewer than
+                // `entries` descriptors, inside the tables `check` measured.
+                unsafe { write_desc_at(mem, at, b.addr, b.len, DescFlags::NEXT.bits(), i) };
+                at += off::DESC_SIZE;
+                i += 1;
             }
+            for b in writable {
+                sum.add_writable(b);
+                // SAFETY: as above.
+                unsafe { write_desc_at(mem, at, b.addr, b.len, (DescFlags::NEXT | DescFlags::WRITE).bits(), i) };
+                at += off::DESC_SIZE;
+                i += 1;
+            }
+            let last_flags = if writable.is_empty() { 0 } else { DescFlags::WRITE.bits() };
+            // SAFETY: `at - 16` is the chain's last table entry (n >= 2).
+            unsafe { mem.write_u32(at - off::DESC_SIZE + off::SPLIT_DESC_FLAGS, u32::from(last_flags)) };
             // SAFETY: `head < size`, inside the descriptor table.
-            unsafe {
-                write_desc(&self.ring, head as usize * off::DESC_SIZE, tiova, (n * off::DESC_SIZE) as u32, DescFlags::INDIRECT.bits(), 0)
-            };
+            unsafe { write_desc(&self.ring, head, tiova, (n * off::DESC_SIZE) as u32, DescFlags::INDIRECT.bits(), 0) };
             last = head;
             ring_descs = 1;
         } else {
-            if n > self.queue_size() as usize {
-                return Err(Error::TooManyBuffers { buffers: n, max: self.max_chain_buffers() });
-            }
             if n > self.slots.num_free() as usize {
-                return Err(Error::QueueFull);
+                return Err(self.no_room(n));
             }
+            // Every descriptor is written with NEXT, linking to the following
+            // free-list entry; the last one is then rewritten without it.
             let mut id = head;
-            let mut left = n;
-            for (b, flags) in readable.iter().map(|b| (b, 0)).chain(writable.iter().map(|b| (b, DescFlags::WRITE.bits()))) {
-                left -= 1;
+            let mut prev = head;
+            for b in readable {
+                sum.add(b);
                 let next = self.slots.next_free(id);
-                let flags = if left > 0 { flags | DescFlags::NEXT.bits() } else { flags };
                 // SAFETY: `id` comes from the free list (index invariant), below size.
-                unsafe { write_desc(&self.ring, id as usize * off::DESC_SIZE, b.addr, b.len, flags, next) };
-                if left > 0 {
-                    id = next;
-                }
+                unsafe { write_desc(&self.ring, id, b.addr, b.len, DescFlags::NEXT.bits(), next) };
+                prev = id;
+                id = next;
             }
-            last = id;
+            for b in writable {
+                sum.add_writable(b);
+                let next = self.slots.next_free(id);
+                // SAFETY: as above.
+                unsafe { write_desc(&self.ring, id, b.addr, b.len, (DescFlags::NEXT | DescFlags::WRITE).bits(), next) };
+                prev = id;
+                id = next;
+            }
+            let last_flags = if writable.is_empty() { 0 } else { DescFlags::WRITE.bits() };
+            // SAFETY: `prev` is a descriptor of the chain, below size.
+            unsafe { write_flags_next(&self.ring, prev, last_flags, 0) };
+            last = prev;
             ring_descs = n as u16;
         }
+        // Lengths are checked after the (invisible) writes, so the common case
+        // walks the buffers once.
+        let writable_len = sum.finish()?;
         let slot = (self.avail_idx & self.mask) as usize;
         // SAFETY: `slot < size`, inside the available ring.
         unsafe { self.ring.write_u16(self.avail_ring + 2 * slot, head) };
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        Ok((head, last, ring_descs, info.writable))
+        Ok((head, last, ring_descs, writable_len))
     }
 
     /// Makes every chain added since the last call visible to the device with
@@ -322,14 +358,18 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         if self.in_order {
             return self.pop_used_in_order();
         }
-        let used_idx = self.used_idx();
-        let ready = used_idx.wrapping_sub(self.last_used);
-        if ready == 0 {
-            return Ok(None);
-        }
-        let in_flight = self.slots.published_in_flight();
-        if ready > in_flight {
-            return Err(self.fail(DeviceError::UsedIndexJump { used_idx, last_used: self.last_used, in_flight }));
+        if self.used_seen == self.last_used {
+            let used_idx = self.used_idx();
+            if used_idx == self.last_used {
+                return Ok(None);
+            }
+            // Checked once per new index value: the entries up to it are
+            // then consumed one by one without re-reading it.
+            let in_flight = self.slots.published_in_flight();
+            if used_idx.wrapping_sub(self.last_used) > in_flight {
+                return Err(self.fail(DeviceError::UsedIndexJump { used_idx, last_used: self.last_used, in_flight }));
+            }
+            self.used_seen = used_idx;
         }
         let (id, len) = self.used_elem(self.last_used);
         match self.slots.complete(id, len) {
@@ -389,7 +429,11 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         } else {
             // SAFETY: the avail header is inside the checked layout.
             unsafe {
-                self.ring.store_u16(self.layout.driver_offset() + off::AVAIL_FLAGS, AvailFlags::NO_INTERRUPT.bits(), Ordering::Relaxed)
+                self.ring.store_u16(
+                    self.layout.driver_offset() + off::AVAIL_FLAGS,
+                    AvailFlags::NO_INTERRUPT.bits(),
+                    Ordering::Relaxed,
+                )
             };
         }
     }
@@ -444,25 +488,48 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.avail_idx = 0;
         self.published_avail = 0;
         self.last_used = 0;
+        self.used_seen = 0;
         self.batch = InOrderBatch::default();
         self.used_notify = UsedNotify::Enabled;
         self.broken = None;
     }
 }
 
-/// Writes one split descriptor: the address, the length, then `flags` and
-/// `next` together (adjacent 16-bit fields, one 32-bit store).
+/// Writes one split descriptor: the address, then the length, flags and
+/// `next` together (adjacent data fields, one 64-bit store).
 ///
 /// # Safety
 ///
 /// `at` is 16-aligned and `at + 16 <= mem.len()`.
 #[inline(always)]
-unsafe fn write_desc(mem: &SharedMemory<'_>, at: usize, addr: u64, len: u32, flags: u16, next: u16) {
+unsafe fn write_desc_at(mem: &SharedMemory<'_>, at: usize, addr: u64, len: u32, flags: u16, next: u16) {
     // SAFETY: forwarded contract; the fields are at their natural alignment.
     unsafe {
         mem.write_u64(at + off::SPLIT_DESC_ADDR, addr);
-        mem.write_u32(at + off::SPLIT_DESC_LEN, len);
-        mem.write_u16(at + off::SPLIT_DESC_FLAGS, flags);
-        mem.write_u16(at + off::SPLIT_DESC_NEXT, next);
+        mem.write_u64(at + off::SPLIT_DESC_LEN, u64::from(len) | u64::from(flags) << 32 | u64::from(next) << 48);
+    }
+}
+
+/// Writes descriptor `id` of the table at the start of `mem`.
+///
+/// # Safety
+///
+/// `id` is below the queue size of the layout checked against `mem`.
+#[inline(always)]
+unsafe fn write_desc(mem: &SharedMemory<'_>, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    // SAFETY: forwarded contract: descriptor `id` lies inside the table.
+    unsafe { write_desc_at(mem, id as usize * off::DESC_SIZE, addr, len, flags, next) }
+}
+
+/// Rewrites the `flags` and `next` fields of descriptor `id`.
+///
+/// # Safety
+///
+/// As for [`write_desc`].
+#[inline(always)]
+unsafe fn write_flags_next(mem: &SharedMemory<'_>, id: u16, flags: u16, next: u16) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        mem.write_u32(id as usize * off::DESC_SIZE + off::SPLIT_DESC_FLAGS, u32::from(flags) | u32::from(next) << 16)
     }
 }
