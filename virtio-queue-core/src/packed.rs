@@ -32,7 +32,7 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     ring: SharedMemory<'a>,
     layout: RingLayout,
     iova: u64,
-    slots: SlotTable<T, S>,
+    slots: SlotTable<T, S, false>,
     indirect: Option<IndirectTables<'a>>,
     size: u16,
     event_idx: bool,
@@ -45,6 +45,8 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// Ring position of the next used descriptor, and the used wrap counter.
     next_used: u16,
     used_wrap: bool,
+    /// `AVAIL | USED` bits of a descriptor used in the current used lap.
+    used_bits: u16,
     /// Ring positions filled since the last publish.
     positions_added: u16,
     /// Position and flags of the batch's first head, stored by `publish`.
@@ -58,6 +60,9 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     driver_event_flags: u16,
     broken: Option<DeviceError>,
 }
+
+/// The flag bits that say "used" when both equal the used wrap counter.
+const USED_BITS: u16 = DescFlags::AVAIL.bits() | DescFlags::USED.bits();
 
 /// A packed queue that owns its `N` slots (no heap needed).
 pub type OwnedPackedQueue<'a, T, const N: usize> = PackedQueue<'a, T, [Slot<T>; N]>;
@@ -86,6 +91,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             free_positions: config.queue_size,
             next_used: 0,
             used_wrap: true,
+            used_bits: USED_BITS,
             positions_added: 0,
             batch_head: 0,
             batch_head_flags: 0,
@@ -145,7 +151,16 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         }
     }
 
-    #[inline(always)]
+    #[cold]
+    fn no_room(&self, n: usize) -> Error {
+        if n > self.size as usize {
+            Error::TooManyBuffers { buffers: n, max: self.max_chain_buffers() }
+        } else {
+            Error::QueueFull
+        }
+    }
+
+    #[cold]
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         Error::Broken(e)
@@ -170,7 +185,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
         match self.add_inner(readable, writable) {
             Ok((id, positions, w)) => {
-                self.slots.commit(id, id, 1, positions, token, w);
+                self.slots.commit(id, id, positions, token, w);
                 Ok(())
             }
             Err(error) => Err(AddError { error, token }),
@@ -189,11 +204,11 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             _ => None,
         };
         let positions = if table.is_some() { 1 } else { n };
-        if table.is_none() && n > self.size as usize {
-            return Err(Error::TooManyBuffers { buffers: n, max: self.max_chain_buffers() });
-        }
-        if positions > self.free_positions as usize || self.slots.num_free() == 0 {
-            return Err(Error::QueueFull);
+        // Enough free positions also means a free buffer ID: every chain in
+        // flight occupies at least one position, so with one position free
+        // fewer than `size` chains (IDs) are in flight.
+        if positions > self.free_positions as usize {
+            return Err(self.no_room(n));
         }
         // Lengths are checked before any flags are written: a descriptor
         // marked available stays so until overwritten, even if the chain is
@@ -224,36 +239,27 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             head_flags = DescFlags::INDIRECT.bits() | Self::avail_bits(self.avail_wrap);
             self.advance_avail();
         } else {
-            // The head's flags are returned, not written; every other
-            // descriptor's are written as it is filled, with NEXT, and the
-            // last one's NEXT is cleared afterwards.
-            let next = DescFlags::NEXT.bits();
-            let mut hf = 0;
-            let mut k = 0usize;
-            for b in readable {
-                hf = self.put_desc(b, id, next, k, hf);
-                k += 1;
-            }
-            for b in writable {
-                hf = self.put_desc(b, id, next | DescFlags::WRITE.bits(), k, hf);
-                k += 1;
-            }
-            if n == 1 {
-                hf &= !next;
+            let p = self.next_avail as usize;
+            if p + n <= self.size as usize {
+                // The chain does not cross the end of the ring: positions
+                // p .. p+n, all in the current lap.
+                head_flags = self.put_chain_no_wrap(readable, writable, id, p, n);
             } else {
-                let last = if self.next_avail == 0 { self.size - 1 } else { self.next_avail - 1 };
-                let last_wrap = if self.next_avail == 0 { !self.avail_wrap } else { self.avail_wrap };
-                let w = if writable.is_empty() { 0 } else { DescFlags::WRITE.bits() };
-                // SAFETY: `last < size`, inside the descriptor ring.
-                unsafe {
-                    self.ring.store_u16(
-                        last as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS,
-                        w | Self::avail_bits(last_wrap),
-                        Ordering::Relaxed,
-                    )
-                };
+                // The head's flags are returned, not written; every other
+                // descriptor's are written as it is filled.
+                let next = DescFlags::NEXT.bits();
+                let mut hf = 0;
+                let mut k = 0usize;
+                for b in readable {
+                    k += 1;
+                    hf = self.put_desc(b, id, if k < n { next } else { 0 }, k - 1, hf);
+                }
+                for b in writable {
+                    k += 1;
+                    hf = self.put_desc(b, id, DescFlags::WRITE.bits() | if k < n { next } else { 0 }, k - 1, hf);
+                }
+                head_flags = hf;
             }
-            head_flags = hf;
         }
         if first_of_batch {
             self.batch_head = head;
@@ -297,6 +303,52 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         };
         self.advance_avail();
         hf
+    }
+
+    /// Writes a chain of `n` buffers at positions `p .. p + n`, which do not
+    /// cross the end of the ring, and advances `next_avail`. Returns the
+    /// head's flags, which are not written (see `add_inner`).
+    #[inline(always)]
+    fn put_chain_no_wrap(&mut self, readable: &[Buffer], writable: &[Buffer], id: u16, p: usize, n: usize) -> u16 {
+        let avail = Self::avail_bits(self.avail_wrap);
+        let next = DescFlags::NEXT.bits();
+        let write = DescFlags::WRITE.bits();
+        let head_at = p * off::DESC_SIZE;
+        // The last descriptor is rewritten without NEXT below; every other
+        // one, the head excepted, gets its flags with its data.
+        let last_at = head_at + (n - 1) * off::DESC_SIZE;
+        let mut at = head_at;
+        let (first, rest_r, rest_w, head_w) = match (readable.split_first(), writable.split_first()) {
+            (Some((f, r)), _) => (f, r, writable, 0),
+            (None, Some((f, w))) => (f, &[][..], w, write),
+            (None, None) => return 0,
+        };
+        // SAFETY (this and the stores below): positions p .. p + n are below
+        // the queue size, so every `at + 16 <= size × 16`, inside the ring.
+        unsafe { write_desc_data(&self.ring, p as u16, first.addr, first.len, id) };
+        for b in rest_r {
+            at += off::DESC_SIZE;
+            // SAFETY: see above.
+            unsafe { write_desc_with_flags(&self.ring, at, b.addr, b.len, id, avail | next) };
+        }
+        for b in rest_w {
+            at += off::DESC_SIZE;
+            // SAFETY: see above.
+            unsafe { write_desc_with_flags(&self.ring, at, b.addr, b.len, id, avail | next | write) };
+        }
+        if n > 1 {
+            let w = if writable.is_empty() { 0 } else { write };
+            // SAFETY: see above.
+            unsafe { self.ring.store_u16(last_at + off::PACKED_DESC_FLAGS, avail | w, Ordering::Relaxed) };
+        }
+        let np = p + n;
+        if np == self.size as usize {
+            self.next_avail = 0;
+            self.avail_wrap = !self.avail_wrap;
+        } else {
+            self.next_avail = np as u16;
+        }
+        avail | head_w | if n > 1 { next } else { 0 }
     }
 
     #[inline(always)]
@@ -355,9 +407,18 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         // SAFETY: callers pass `pos < size`, inside the descriptor ring.
         let flags =
             unsafe { self.ring.load_u16(pos as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, Ordering::Acquire) };
-        let avail = flags & DescFlags::AVAIL.bits() != 0;
-        let used = flags & DescFlags::USED.bits() != 0;
-        avail == used && used == wrap
+        flags & USED_BITS == if wrap { USED_BITS } else { 0 }
+    }
+
+    /// Whether the next used descriptor is there (`is_used` at `next_used`).
+    #[inline(always)]
+    fn next_is_used(&self) -> bool {
+        // Acquire: as in `is_used`.
+        // SAFETY: `next_used < size`, inside the descriptor ring.
+        let flags = unsafe {
+            self.ring.load_u16(self.next_used as usize * off::DESC_SIZE + off::PACKED_DESC_FLAGS, Ordering::Acquire)
+        };
+        flags & USED_BITS == self.used_bits
     }
 
     #[inline(always)]
@@ -376,6 +437,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         if p >= u32::from(self.size) {
             self.next_used = (p - u32::from(self.size)) as u16;
             self.used_wrap = !self.used_wrap;
+            self.used_bits ^= USED_BITS;
         } else {
             self.next_used = p as u16;
         }
@@ -391,17 +453,18 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             return self.pop_used_in_order();
         }
         let pos = self.next_used;
-        if !self.is_used(pos, self.used_wrap) {
+        if !self.next_is_used() {
             return Ok(None);
-        }
-        if self.slots.published_in_flight() == 0 {
-            return Err(self.fail(DeviceError::UsedWithoutInFlight { position: pos }));
         }
         let (id, len) = self.used_desc(pos);
         match self.slots.complete(id, len) {
             Ok(done) => {
                 self.advance_used(done.ring_descs);
                 Ok(Some(Used { token: done.token, len }))
+            }
+            // With nothing in flight no id can be right; say what is wrong.
+            Err(_) if self.slots.published_in_flight() == 0 => {
+                Err(self.fail(DeviceError::UsedWithoutInFlight { position: pos }))
             }
             Err(e) => Err(self.fail(e)),
         }
@@ -413,7 +476,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn pop_used_in_order(&mut self) -> Result<Option<Used<T>>, Error> {
         if self.batch_remaining == 0 {
             let pos = self.next_used;
-            if !self.is_used(pos, self.used_wrap) {
+            if !self.next_is_used() {
                 return Ok(None);
             }
             let in_flight = self.slots.published_in_flight();
@@ -510,6 +573,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         self.free_positions = self.size;
         self.next_used = 0;
         self.used_wrap = true;
+        self.used_bits = USED_BITS;
         self.positions_added = 0;
         self.batch_remaining = 0;
         self.driver_event_flags = PackedEventFlags::Enable as u16;
@@ -530,6 +594,20 @@ unsafe fn write_desc_data(mem: &SharedMemory<'_>, pos: u16, addr: u64, len: u32,
         mem.write_u64(at + off::PACKED_DESC_ADDR, addr);
         mem.write_u32(at + off::PACKED_DESC_LEN, len);
         mem.write_u16(at + off::PACKED_DESC_ID, id);
+    }
+}
+
+/// Writes a whole non-head ring descriptor: data fields and flags, relaxed.
+///
+/// # Safety
+///
+/// `at` is 16-aligned and `at + 16 <= mem.len()`.
+#[inline(always)]
+unsafe fn write_desc_with_flags(mem: &SharedMemory<'_>, at: usize, addr: u64, len: u32, id: u16, flags: u16) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        mem.write_u64(at + off::PACKED_DESC_ADDR, addr);
+        mem.write_u32_u16_flags(at + off::PACKED_DESC_LEN, len, id, flags);
     }
 }
 

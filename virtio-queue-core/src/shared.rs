@@ -289,6 +289,26 @@ mod imp {
             unsafe { self.at32(off) }.store(v.to_le(), Ordering::Relaxed)
         }
 
+        /// Writes the last 8 bytes of a packed descriptor: `len` and `id`
+        /// (data) and `flags` (synchronising, stored relaxed), in one store
+        /// where the target has 64-bit atomics. Only for descriptors whose
+        /// flags are ordered by a later release store (non-head descriptors).
+        #[inline(always)]
+        pub(crate) unsafe fn write_u32_u16_flags(&self, off: usize, len: u32, id: u16, flags: u16) {
+            #[cfg(target_has_atomic = "64")]
+            // SAFETY: forwarded caller contract (8-aligned, 8 bytes inside the window).
+            unsafe {
+                self.write_u64(off, u64::from(len) | u64::from(id) << 32 | u64::from(flags) << 48)
+            }
+            #[cfg(not(target_has_atomic = "64"))]
+            // SAFETY: forwarded caller contract.
+            unsafe {
+                self.write_u32(off, len);
+                self.write_u16(off + 4, id);
+                self.store_u16(off + 6, flags, Ordering::Relaxed);
+            }
+        }
+
         /// Reads a 64-bit data field.
         #[inline(always)]
         pub(crate) unsafe fn read_u64(&self, off: usize) -> u64 {
@@ -383,6 +403,15 @@ mod imp {
             unsafe {
                 self.write_u32(off, v as u32);
                 self.write_u32(off + 4, (v >> 32) as u32);
+            }
+        }
+
+        pub(crate) unsafe fn write_u32_u16_flags(&self, off: usize, len: u32, id: u16, flags: u16) {
+            // SAFETY: forwarded caller contract.
+            unsafe {
+                self.write_u32(off, len);
+                self.write_u16(off + 4, id);
+                self.store_u16(off + 6, flags, Ordering::Relaxed);
             }
         }
     }

@@ -28,8 +28,6 @@ pub struct Slot<T> {
     /// Last entry of this chain's run on the free list (split direct chains
     /// take one entry per descriptor; everything else takes one).
     last: u16,
-    /// Free-list entries the chain took.
-    ids: u16,
     /// Ring descriptors (split) or ring positions (packed) the chain occupies.
     ring_descs: u16,
     /// In-order mode: entry of the FIFO of in-flight chains, by age.
@@ -43,7 +41,7 @@ pub struct Slot<T> {
 impl<T> Slot<T> {
     /// An empty slot.
     pub const fn new() -> Self {
-        Slot { token: None, next_free: 0, last: 0, ids: 0, ring_descs: 0, fifo: 0, writable: 0, seq: 0 }
+        Slot { token: None, next_free: 0, last: 0, ring_descs: 0, fifo: 0, writable: 0, seq: 0 }
     }
 
     /// An array of empty slots, for the owning (`const N`) queue variants.
@@ -204,7 +202,9 @@ pub(crate) struct Completed<T> {
 }
 
 /// The slots of one queue plus the free list and in-flight accounting.
-pub(crate) struct SlotTable<T, S> {
+/// `IDS_ARE_DESCRIPTORS`: free-list entries are descriptors (split; a direct
+/// chain takes one per descriptor) or buffer IDs (packed; one per chain).
+pub(crate) struct SlotTable<T, S, const IDS_ARE_DESCRIPTORS: bool> {
     storage: S,
     size: u16,
     free_head: u16,
@@ -212,8 +212,6 @@ pub(crate) struct SlotTable<T, S> {
     num_free: u16,
     /// Chains added and not yet completed (published or not).
     in_flight: u16,
-    /// Chains added since the last publish.
-    unpublished: u16,
     next_seq: u32,
     published_seq: u32,
     /// In-order mode: FIFO position of the oldest chain in flight.
@@ -222,7 +220,7 @@ pub(crate) struct SlotTable<T, S> {
     _token: core::marker::PhantomData<T>,
 }
 
-impl<T, S: SlotStorage<T>> SlotTable<T, S> {
+impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_ARE_DESCRIPTORS> {
     pub fn new(storage: S, size: u16, in_order: bool) -> Result<Self, LayoutError> {
         let given = storage.slots().len();
         if given < size as usize || size == 0 {
@@ -235,7 +233,6 @@ impl<T, S: SlotStorage<T>> SlotTable<T, S> {
             free_tail: 0,
             num_free: 0,
             in_flight: 0,
-            unpublished: 0,
             next_seq: 0,
             published_seq: 0,
             fifo_head: 0,
@@ -262,7 +259,6 @@ impl<T, S: SlotStorage<T>> SlotTable<T, S> {
         self.free_tail = size - 1;
         self.num_free = size;
         self.in_flight = 0;
-        self.unpublished = 0;
         self.fifo_head = 0;
         self.published_seq = self.next_seq;
     }
@@ -293,7 +289,10 @@ impl<T, S: SlotStorage<T>> SlotTable<T, S> {
     /// Published chains not yet completed: what the device may return.
     #[inline(always)]
     pub fn published_in_flight(&self) -> u16 {
-        self.in_flight - self.unpublished
+        // Chains added since the last publish: the sequence numbers handed
+        // out since then (fewer than 2^16, as they are all in flight).
+        let unpublished = self.next_seq.wrapping_sub(self.published_seq) as u16;
+        self.in_flight - unpublished
     }
 
     /// First entry of the free list (meaningful when `num_free() > 0`).
@@ -308,10 +307,22 @@ impl<T, S: SlotStorage<T>> SlotTable<T, S> {
         self.slot(i).next_free
     }
 
-    /// Takes the run of `ids` free-list entries `head ..= last` (which the
-    /// caller walked with `free_head`/`next_free`) for a new chain.
+    /// Free-list entries a chain of `ring_descs` descriptors takes: one per
+    /// descriptor when entries are descriptors (split), else one.
     #[inline(always)]
-    pub fn commit(&mut self, head: u16, last: u16, ids: u16, ring_descs: u16, token: T, writable: u32) {
+    fn ids(&self, ring_descs: u16) -> u16 {
+        if IDS_ARE_DESCRIPTORS {
+            ring_descs
+        } else {
+            1
+        }
+    }
+
+    /// Takes the run of free-list entries `head ..= last` (which the caller
+    /// walked with `free_head`/`next_free`) for a new chain.
+    #[inline(always)]
+    pub fn commit(&mut self, head: u16, last: u16, ring_descs: u16, token: T, writable: u32) {
+        let ids = self.ids(ring_descs);
         let after = self.slot(last).next_free;
         let seq = self.next_seq;
         self.next_seq = seq.wrapping_add(1);
@@ -319,8 +330,9 @@ impl<T, S: SlotStorage<T>> SlotTable<T, S> {
         self.num_free -= ids;
         let s = self.slot_mut(head);
         s.token = Some(token);
-        s.last = last;
-        s.ids = ids;
+        if IDS_ARE_DESCRIPTORS {
+            s.last = last;
+        }
         s.ring_descs = ring_descs;
         s.writable = writable;
         s.seq = seq;
@@ -329,14 +341,12 @@ impl<T, S: SlotStorage<T>> SlotTable<T, S> {
             self.slot_mut(pos).fifo = head;
         }
         self.in_flight += 1;
-        self.unpublished += 1;
     }
 
     /// Marks every chain added so far as published.
     #[inline(always)]
     pub fn publish(&mut self) {
         self.published_seq = self.next_seq;
-        self.unpublished = 0;
     }
 
     /// Completes chain `id` as the device reported it (any order).
@@ -364,22 +374,30 @@ impl<T, S: SlotStorage<T>> SlotTable<T, S> {
         Ok(done)
     }
 
-    /// Puts chain `head`'s run of entries back at the tail of the free list,
-    /// so entries are reused in the order they were freed (ring order for
-    /// IN_ORDER queues).
+    /// Puts chain `head`'s run of entries back on the free list: at the tail
+    /// for IN_ORDER split queues, whose descriptors must be reused in ring
+    /// order (§2.7.9 with VIRTIO_F_IN_ORDER), else at the head (the most
+    /// recently used entries are the ones still in cache).
     #[inline(always)]
     fn release(&mut self, head: u16) {
         let (last, ids) = {
             let s = self.slot(head);
-            (s.last, s.ids)
+            // Packed chains take one entry: their run ends where it starts.
+            (if IDS_ARE_DESCRIPTORS { s.last } else { head }, self.ids(s.ring_descs))
         };
-        if self.num_free == 0 {
-            self.free_head = head;
+        if IDS_ARE_DESCRIPTORS && self.in_order {
+            if self.num_free == 0 {
+                self.free_head = head;
+            } else {
+                let tail = self.free_tail;
+                self.slot_mut(tail).next_free = head;
+            }
+            self.free_tail = last;
         } else {
-            let tail = self.free_tail;
-            self.slot_mut(tail).next_free = head;
+            let free_head = self.free_head;
+            self.slot_mut(last).next_free = free_head;
+            self.free_head = head;
         }
-        self.free_tail = last;
         self.num_free += ids;
         self.in_flight -= 1;
     }

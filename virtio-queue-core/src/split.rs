@@ -77,8 +77,10 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     ring: SharedMemory<'a>,
     layout: RingLayout,
     iova: u64,
-    slots: SlotTable<T, S>,
+    slots: SlotTable<T, S, true>,
     indirect: Option<IndirectTables<'a>>,
+    /// Entries of an indirect table, 0 without indirect tables.
+    indirect_max: usize,
     mask: u16,
     event_idx: bool,
     in_order: bool,
@@ -121,6 +123,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             iova: config.ring_iova,
             slots,
             indirect,
+            indirect_max: indirect.map_or(0, |t| t.entries() as usize),
             mask: config.queue_size - 1,
             event_idx: config.features.contains(RingFeatures::EVENT_IDX),
             in_order,
@@ -210,7 +213,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
         match self.add_inner(readable, writable) {
             Ok((head, last, ring_descs, w)) => {
-                self.slots.commit(head, last, ring_descs, ring_descs, token, w);
+                self.slots.commit(head, last, ring_descs, token, w);
                 Ok(())
             }
             Err(error) => Err(AddError { error, token }),
@@ -231,7 +234,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         let head = self.slots.free_head();
         let mut sum = ChainSum::default();
         let table = match self.indirect {
-            Some(t) if n > 1 && n <= t.entries() as usize => Some(t),
+            Some(t) if n > 1 && n <= self.indirect_max => Some(t),
             _ => None,
         };
         let last;

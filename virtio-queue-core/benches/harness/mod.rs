@@ -81,20 +81,22 @@ impl<'a> Bench<'a> {
 
     /// Runs `requests` requests in batches of `batch`; returns a checksum of
     /// the completions so nothing is optimised away.
-    pub fn run(&mut self, requests: u32, batch: u32) -> u64 {
+    pub fn run(&mut self, count: u32, batch: u32) -> u64 {
+        let reqs = requests();
+        let reqs = &reqs[..];
         let mut sum = 0u64;
         let mut token = 0u32;
         let mut done = 0;
-        while done < requests {
-            let n = batch.min(requests - done);
+        while done < count {
+            let n = batch.min(count - done);
             match self {
                 Bench::Split(q, d) => {
-                    black_box(driver_side_submit_split(q, n, &mut token));
+                    black_box(driver_side_submit_split(q, reqs, n, &mut token));
                     split_device_answers(d, n);
                     sum += driver_side_complete_split(q);
                 }
                 Bench::Packed(q, d) => {
-                    black_box(driver_side_submit_packed(q, n, &mut token));
+                    black_box(driver_side_submit_packed(q, reqs, n, &mut token));
                     packed_device_answers(d, n);
                     sum += driver_side_complete_packed(q);
                 }
@@ -109,24 +111,40 @@ const HDR: u64 = 0x200_0000;
 const DATA: u64 = 0x300_0000;
 const STATUS: u64 = 0x400_0000;
 
+/// The caller's data buffer of one request: address and length are run-time
+/// values. The 16-byte header and 1-byte status live in a pre-allocated
+/// per-slot area, as in a block driver, so their lengths are constants.
+pub struct Request {
+    data: Buffer,
+}
+
+/// The requests of one run, used round-robin by token.
+pub fn requests() -> Vec<Request> {
+    (0..u64::from(QUEUE_SIZE)).map(|t| Request { data: Buffer::new(DATA + t * 4096, 4096) }).collect()
+}
+
+/// The chain of request `token`: header, data, status.
 #[inline(always)]
-fn blk_chain(token: u32) -> ([Buffer; 1], [Buffer; 2]) {
-    let t = u64::from(token & 0xff);
-    ([Buffer::new(HDR + t * 16, 16)], [Buffer::new(DATA + t * 4096, 4096), Buffer::new(STATUS + t, 1)])
+fn blk_chain(token: u32, data: Buffer) -> ([Buffer; 1], [Buffer; 2]) {
+    let slot = u64::from(token) % u64::from(QUEUE_SIZE);
+    ([Buffer::new(HDR + slot * 16, 16)], [data, Buffer::new(STATUS + slot, 1)])
 }
 
 macro_rules! driver_side {
     ($submit:ident, $complete:ident, $q:ty) => {
         /// Adds `n` blk-shaped chains and publishes them; returns the kick decision.
         #[inline(never)]
-        pub fn $submit(q: &mut $q, n: u32, token: &mut u32) -> bool {
+        pub fn $submit(q: &mut $q, reqs: &[Request], n: u32, next_token: &mut u32) -> bool {
+            let mut token = *next_token;
             for _ in 0..n {
-                let (r, w) = blk_chain(*token);
-                if q.add(&r, &w, *token).is_err() {
+                let Some(r) = reqs.get(token as usize % reqs.len()) else { panic!("no request") };
+                let (readable, writable) = blk_chain(token, r.data);
+                if q.add(&readable, &writable, token).is_err() {
                     panic!("add failed");
                 }
-                *token = token.wrapping_add(1);
+                token = token.wrapping_add(1);
             }
+            *next_token = token;
             match q.publish() {
                 Ok(kick) => kick,
                 Err(e) => panic!("publish: {e}"),
