@@ -151,10 +151,11 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         }
     }
 
+    /// Why a chain needing `positions` ring positions does not fit now.
     #[cold]
-    fn no_room(&self, n: usize) -> Error {
-        if n > self.size as usize {
-            Error::TooManyBuffers { buffers: n, max: self.max_chain_buffers() }
+    fn no_room(&self, positions: usize) -> Error {
+        if positions > self.size as usize {
+            Error::TooManyBuffers { buffers: positions, max: self.max_chain_buffers() }
         } else {
             Error::QueueFull
         }
@@ -208,7 +209,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         // flight occupies at least one position, so with one position free
         // fewer than `size` chains (IDs) are in flight.
         if positions > self.free_positions as usize {
-            return Err(self.no_room(n));
+            return Err(self.no_room(positions));
         }
         // Lengths are checked before any flags are written: a descriptor
         // marked available stays so until overwritten, even if the chain is
@@ -323,8 +324,8 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             (None, Some((f, w))) => (f, &[][..], w, write),
             (None, None) => return 0,
         };
-        // SAFETY (this and the stores below): positions p .. p + n are below
-        // the queue size, so every `at + 16 <= size × 16`, inside the ring.
+        // SAFETY: positions p .. p + n are below the queue size, so every
+        // `at + 16 <= size × 16`, inside the ring (also for the stores below).
         unsafe { write_desc_data(&self.ring, p as u16, first.addr, first.len, id) };
         for b in rest_r {
             at += off::DESC_SIZE;
