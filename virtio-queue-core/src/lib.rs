@@ -12,6 +12,37 @@
 //!   [`Virtqueue`] wraps either behind one statically dispatched type.
 //! * `device` (feature `device-model`): a device side of both formats that can
 //!   misbehave on purpose, for tests, fuzzing, loom models and benchmarks.
+//!
+//! # Example: a queue without a heap
+//!
+//! The ring lives in a `static` (device-visible memory; on an identity-mapped
+//! system its address is its device address) and the queue owns its slots.
+//!
+//! ```
+//! use virtio_queue_core::layout::{ring_lines, RingFormat, RingFeatures};
+//! use virtio_queue_core::{Buffer, OwnedSplitQueue, QueueConfig, SharedLine, SharedMemory, Slot, SplitQueue};
+//!
+//! const SIZE: u16 = 16;
+//! static RING: [SharedLine; ring_lines(RingFormat::Split, SIZE)] =
+//!     [SharedLine::ZERO; ring_lines(RingFormat::Split, SIZE)];
+//!
+//! let ring = SharedMemory::new(&RING);
+//! let config = QueueConfig {
+//!     queue_size: SIZE,
+//!     ring,
+//!     ring_iova: ring.as_ptr() as u64,
+//!     features: RingFeatures::EVENT_IDX,
+//!     indirect: None,
+//! };
+//! let mut queue: OwnedSplitQueue<'_, u32, 16> = SplitQueue::new(config, Slot::array()).unwrap();
+//! let header = [Buffer::new(0x8000, 16)];
+//! let data_and_status = [Buffer::new(0x9000, 4096), Buffer::new(0xa000, 1)];
+//! queue.add(&header, &data_and_status, 7).unwrap();
+//! let must_notify = queue.publish().unwrap(); // one release store for the batch
+//! assert!(must_notify); // the device has not asked for silence
+//! assert_eq!(queue.pop_used().unwrap(), None); // nothing used yet
+//! assert_eq!(queue.in_flight(), 1);
+//! ```
 #![cfg_attr(not(any(loom, test)), no_std)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 #![deny(unsafe_op_in_unsafe_fn)]
