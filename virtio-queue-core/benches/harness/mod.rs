@@ -83,7 +83,7 @@ impl<'a> Bench<'a> {
     /// the completions so nothing is optimised away.
     pub fn run(&mut self, count: u32, batch: u32) -> u64 {
         let reqs = requests();
-        let reqs = &reqs[..];
+        let reqs = &*reqs;
         let mut sum = 0u64;
         let mut token = 0u32;
         let mut done = 0;
@@ -118,9 +118,13 @@ pub struct Request {
     data: Buffer,
 }
 
-/// The requests of one run, used round-robin by token.
-pub fn requests() -> Vec<Request> {
-    (0..u64::from(QUEUE_SIZE)).map(|t| Request { data: Buffer::new(DATA + t * 4096, 4096) }).collect()
+/// One request per queue slot, as a block driver keeps them (by tag).
+pub type Requests = [Request; QUEUE_SIZE as usize];
+
+/// The requests of one run, used round-robin by token (the token modulo the
+/// queue size is the slot, as a block driver's tag).
+pub fn requests() -> Box<Requests> {
+    Box::new(core::array::from_fn(|t| Request { data: Buffer::new(DATA + t as u64 * 4096, 4096) }))
 }
 
 /// The chain of request `token`: header, data, status.
@@ -134,7 +138,7 @@ macro_rules! driver_side {
     ($submit:ident, $complete:ident, $q:ty) => {
         /// Adds `n` blk-shaped chains and publishes them; returns the kick decision.
         #[inline(never)]
-        pub fn $submit(q: &mut $q, reqs: &[Request], n: u32, next_token: &mut u32) -> bool {
+        pub fn $submit(q: &mut $q, reqs: &Requests, n: u32, next_token: &mut u32) -> bool {
             let mut token = *next_token;
             for _ in 0..n {
                 let Some(r) = reqs.get(token as usize % reqs.len()) else { panic!("no request") };
