@@ -341,7 +341,7 @@ impl RingLayout {
 
     /// Number of [`SharedLine`]s that hold the ring area.
     pub const fn lines(&self) -> usize {
-        self.total / core::mem::size_of::<SharedLine>()
+        self.total / SharedLine::BYTES
     }
 }
 

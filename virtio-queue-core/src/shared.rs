@@ -41,7 +41,17 @@ pub struct SharedLine {
     data: [loom::cell::UnsafeCell<u16>; 32],
 }
 
+// SAFETY: under loom the data cells are only accessed through loom's
+// `UnsafeCell::with`/`with_mut`, which loom checks for races; sharing the line
+// between loom threads is what the models are for.
+#[cfg(loom)]
+unsafe impl Sync for SharedLine {}
+
 impl SharedLine {
+    /// Bytes of device-visible memory one line stands for (its size, except
+    /// under loom, where a line carries loom's bookkeeping as well).
+    pub const BYTES: usize = 64;
+
     /// A zeroed line, for initialising arrays: `[SharedLine::ZERO; N]`.
     #[cfg(not(loom))]
     #[allow(clippy::declare_interior_mutable_const)]
@@ -62,6 +72,9 @@ impl SharedLine {
         }
     }
 }
+
+#[cfg(not(loom))]
+const _: () = assert!(core::mem::size_of::<SharedLine>() == SharedLine::BYTES);
 
 impl Default for SharedLine {
     fn default() -> Self {
@@ -103,7 +116,7 @@ impl core::fmt::Debug for SharedMemory<'_> {
 impl<'a> SharedMemory<'a> {
     /// Shared memory made of whole lines: always valid and aligned.
     pub fn new(lines: &'a [SharedLine]) -> Self {
-        let len = core::mem::size_of_val(lines);
+        let len = lines.len() * SharedLine::BYTES;
         #[cfg(not(loom))]
         {
             SharedMemory { base: core::ptr::NonNull::from(lines).cast::<u8>(), _lines: core::marker::PhantomData, len }
@@ -348,7 +361,10 @@ mod imp {
     }
 }
 
+// Loom builds are test-only; an out-of-range index there is a test bug and
+// loom reports the panic.
 #[cfg(loom)]
+#[allow(clippy::indexing_slicing)]
 mod imp {
     use super::*;
 
