@@ -33,7 +33,8 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     layout: RingLayout,
     iova: u64,
     slots: SlotTable<T, S, false>,
-    indirect: Option<IndirectTables<'a>>,
+    /// Indirect tables; without INDIRECT_DESC they have no entries.
+    indirect: IndirectTables<'a>,
     size: u16,
     event_idx: bool,
     in_order: bool,
@@ -45,8 +46,15 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// Ring position of the next used descriptor, and the used wrap counter.
     next_used: u16,
     used_wrap: bool,
-    /// `AVAIL | USED` bits of a descriptor used in the current used lap.
+    /// `AVAIL | USED` bits of a descriptor used in the current used lap, or
+    /// a value no descriptor matches ([`NEVER_USED`]) while the queue is
+    /// broken or in IN_ORDER mode, so that a match alone admits the fast path
+    /// of [`pop_used`](PackedQueue::pop_used).
     used_bits: u16,
+    /// Chains added, and chains published (free-running): the slots'
+    /// publication counter. A chain's stamp is `next_seq` after its add.
+    next_seq: u16,
+    published_seq: u16,
     /// Ring positions filled since the last publish.
     positions_added: u16,
     /// Position and flags of the batch's first head, stored by `publish`.
@@ -63,6 +71,10 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
 
 /// The flag bits that say "used" when both equal the used wrap counter.
 const USED_BITS: u16 = DescFlags::AVAIL.bits() | DescFlags::USED.bits();
+
+/// A `used_bits` no descriptor matches: it has bits outside `USED_BITS`, and
+/// so has `NEVER_USED ^ USED_BITS` (what `advance_used` may make of it).
+const NEVER_USED: u16 = !USED_BITS;
 
 /// A packed queue that owns its `N` slots (no heap needed).
 pub type OwnedPackedQueue<'a, T, const N: usize> = PackedQueue<'a, T, [Slot<T>; N]>;
@@ -91,7 +103,9 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             free_positions: config.queue_size,
             next_used: 0,
             used_wrap: true,
-            used_bits: USED_BITS,
+            used_bits: if in_order { NEVER_USED } else { USED_BITS },
+            next_seq: 0,
+            published_seq: 0,
             positions_added: 0,
             batch_head: 0,
             batch_head_flags: 0,
@@ -127,9 +141,17 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         self.free_positions
     }
 
-    /// Chains added and not yet completed.
+    /// Chains added and not yet completed: one buffer ID each.
     pub fn in_flight(&self) -> u16 {
-        self.slots.in_flight()
+        self.size - self.slots.num_free()
+    }
+
+    /// Published chains not yet completed: what the device may return.
+    #[inline(always)]
+    fn published_in_flight(&self) -> u16 {
+        // Chains added since the last publish: the stamps handed out since
+        // then (fewer than 2^16, as they are all in flight).
+        self.in_flight() - self.next_seq.wrapping_sub(self.published_seq)
     }
 
     /// The device error that broke the queue, if any.
@@ -139,8 +161,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
 
     /// Most buffers one chain may have.
     pub fn max_chain_buffers(&self) -> usize {
-        let direct = self.size as usize;
-        self.indirect.map_or(direct, |t| direct.max(t.entries() as usize))
+        (self.size as usize).max(self.indirect.entries() as usize)
     }
 
     #[inline(always)]
@@ -161,9 +182,12 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         }
     }
 
+    /// Breaks the queue. `used_bits = NEVER_USED` closes the fast path of
+    /// `pop_used`, which therefore need not check `broken` itself.
     #[cold]
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
+        self.used_bits = NEVER_USED;
         Error::Broken(e)
     }
 
@@ -186,7 +210,10 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
         match self.add_inner(readable, writable) {
             Ok((id, positions, w)) => {
-                self.slots.commit(id, id, positions, token, w);
+                let stamp = self.next_seq.wrapping_add(1);
+                self.next_seq = stamp;
+                let after = self.slots.next_free(id);
+                self.slots.commit(id, id, after, positions, token, w, stamp);
                 Ok(())
             }
             Err(error) => Err(AddError { error, token }),
@@ -200,10 +227,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         if n == 0 {
             return Err(Error::EmptyChain);
         }
-        let table = match self.indirect {
-            Some(t) if n > 1 && n <= t.entries() as usize => Some(t),
-            _ => None,
-        };
+        let table = if n > 1 && n <= self.indirect.entries() as usize { Some(self.indirect) } else { None };
         let positions = if table.is_some() { 1 } else { n };
         // Enough free positions also means a free buffer ID: every chain in
         // flight occupies at least one position, so with one position free
@@ -379,7 +403,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
                 Ordering::Release,
             )
         };
-        self.slots.publish();
+        self.published_seq = self.next_seq;
         let new = self.next_avail;
         let old = new.wrapping_sub(self.positions_added);
         self.positions_added = 0;
@@ -449,22 +473,24 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// device wrote is checked first; a bad one breaks the queue.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used<T>>, Error> {
-        self.check_broken()?;
-        if self.in_order {
-            return self.pop_used_in_order();
-        }
         let pos = self.next_used;
         if !self.next_is_used() {
+            // Also where a broken queue and an IN_ORDER queue always come:
+            // their `used_bits` matches no descriptor.
+            self.check_broken()?;
+            if self.in_order {
+                return self.pop_used_in_order();
+            }
             return Ok(None);
         }
         let (id, len) = self.used_desc(pos);
-        match self.slots.complete(id, len) {
+        match self.slots.complete(id, len, self.published_seq) {
             Ok(done) => {
                 self.advance_used(done.ring_descs);
                 Ok(Some(Used { token: done.token, len }))
             }
             // With nothing in flight no id can be right; say what is wrong.
-            Err(_) if self.slots.published_in_flight() == 0 => {
+            Err(_) if self.published_in_flight() == 0 => {
                 Err(self.fail(DeviceError::UsedWithoutInFlight { position: pos }))
             }
             Err(e) => Err(self.fail(e)),
@@ -477,10 +503,10 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn pop_used_in_order(&mut self) -> Result<Option<Used<T>>, Error> {
         if self.batch_remaining == 0 {
             let pos = self.next_used;
-            if !self.next_is_used() {
+            if !self.is_used(pos, self.used_wrap) {
                 return Ok(None);
             }
-            let in_flight = self.slots.published_in_flight();
+            let in_flight = self.published_in_flight();
             if in_flight == 0 {
                 return Err(self.fail(DeviceError::UsedWithoutInFlight { position: pos }));
             }
@@ -574,7 +600,9 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         self.free_positions = self.size;
         self.next_used = 0;
         self.used_wrap = true;
-        self.used_bits = USED_BITS;
+        self.used_bits = if self.in_order { NEVER_USED } else { USED_BITS };
+        self.next_seq = 0;
+        self.published_seq = 0;
         self.positions_added = 0;
         self.batch_remaining = 0;
         self.driver_event_flags = PackedEventFlags::Enable as u16;

@@ -9,7 +9,8 @@
 //! # Index invariant
 //!
 //! Every `u16` index stored in a [`SlotTable`] (`free_head`, `free_tail`,
-//! `fifo_head` and the `next_free`, `last` and `fifo` fields of each slot) is
+//! `fifo_head`, `fifo_tail` and the `next_free`, `last` and `fifo` fields of
+//! each slot) is
 //! below `size`, and the storage holds at least `size` slots (checked by
 //! [`SlotTable::new`]; [`SlotStorage`] promises the length never changes).
 //! This is what lets the unchecked slot accesses below skip bounds checks.
@@ -34,14 +35,15 @@ pub struct Slot<T> {
     fifo: u16,
     /// Total length of the chain's device-writable buffers.
     writable: u32,
-    /// Submission sequence number, to tell published chains from pending ones.
-    seq: u32,
+    /// The queue's publication counter once this chain is published (see
+    /// [`SlotTable::complete`]), to tell published chains from pending ones.
+    stamp: u16,
 }
 
 impl<T> Slot<T> {
     /// An empty slot.
     pub const fn new() -> Self {
-        Slot { token: None, next_free: 0, last: 0, ring_descs: 0, fifo: 0, writable: 0, seq: 0 }
+        Slot { token: None, next_free: 0, last: 0, ring_descs: 0, fifo: 0, writable: 0, stamp: 0 }
     }
 
     /// An array of empty slots, for the owning (`const N`) queue variants.
@@ -118,6 +120,12 @@ impl<'a> IndirectTables<'a> {
     /// `queue_size` (`None` on overflow).
     pub const fn bytes_needed(queue_size: u16, entries: u16) -> Option<usize> {
         (queue_size as usize).checked_mul(entries as usize * 16)
+    }
+
+    /// No tables: `entries` 0, so no chain ever fits one. Queues keep this
+    /// instead of an `Option` so the fast path needs one comparison.
+    pub(crate) fn none() -> Self {
+        IndirectTables { mem: SharedMemory::new(&[]), iova: 0, entries: 0 }
     }
 
     /// Descriptors per table.
@@ -201,21 +209,25 @@ pub(crate) struct Completed<T> {
     pub ring_descs: u16,
 }
 
-/// The slots of one queue plus the free list and in-flight accounting.
+/// The slots of one queue plus the free list.
 /// `IDS_ARE_DESCRIPTORS`: free-list entries are descriptors (split; a direct
 /// chain takes one per descriptor) or buffer IDs (packed; one per chain).
+///
+/// The table counts free entries but not chains: each queue derives its
+/// chains in flight from its own counters (split: `avail_idx - last_used`;
+/// packed: `size - num_free`, one ID per chain), and tells published chains
+/// from pending ones with the stamp it gives [`commit`](Self::commit).
 pub(crate) struct SlotTable<T, S, const IDS_ARE_DESCRIPTORS: bool> {
     storage: S,
     size: u16,
     free_head: u16,
+    /// Last entry of the free list (kept only for IN_ORDER split queues).
     free_tail: u16,
     num_free: u16,
-    /// Chains added and not yet completed (published or not).
-    in_flight: u16,
-    next_seq: u32,
-    published_seq: u32,
-    /// In-order mode: FIFO position of the oldest chain in flight.
+    /// In-order mode: FIFO positions of the oldest chain in flight and of the
+    /// next chain to add.
     fifo_head: u16,
+    fifo_tail: u16,
     in_order: bool,
     _token: core::marker::PhantomData<T>,
 }
@@ -232,10 +244,8 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
             free_head: 0,
             free_tail: 0,
             num_free: 0,
-            in_flight: 0,
-            next_seq: 0,
-            published_seq: 0,
             fifo_head: 0,
+            fifo_tail: 0,
             in_order,
             _token: core::marker::PhantomData,
         };
@@ -258,9 +268,8 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
         self.free_head = 0;
         self.free_tail = size - 1;
         self.num_free = size;
-        self.in_flight = 0;
         self.fifo_head = 0;
-        self.published_seq = self.next_seq;
+        self.fifo_tail = 0;
     }
 
     #[inline(always)]
@@ -279,20 +288,6 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
     #[inline(always)]
     pub fn num_free(&self) -> u16 {
         self.num_free
-    }
-
-    #[inline(always)]
-    pub fn in_flight(&self) -> u16 {
-        self.in_flight
-    }
-
-    /// Published chains not yet completed: what the device may return.
-    #[inline(always)]
-    pub fn published_in_flight(&self) -> u16 {
-        // Chains added since the last publish: the sequence numbers handed
-        // out since then (fewer than 2^16, as they are all in flight).
-        let unpublished = self.next_seq.wrapping_sub(self.published_seq) as u16;
-        self.in_flight - unpublished
     }
 
     /// First entry of the free list (meaningful when `num_free() > 0`).
@@ -319,13 +314,13 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
     }
 
     /// Takes the run of free-list entries `head ..= last` (which the caller
-    /// walked with `free_head`/`next_free`) for a new chain.
+    /// walked with `free_head`/`next_free`; `after` is `next_free(last)`) for
+    /// a new chain. `stamp` is the value the queue's publication counter takes
+    /// once the chain is published (see [`complete`](Self::complete)).
     #[inline(always)]
-    pub fn commit(&mut self, head: u16, last: u16, ring_descs: u16, token: T, writable: u32) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit(&mut self, head: u16, last: u16, after: u16, ring_descs: u16, token: T, writable: u32, stamp: u16) {
         let ids = self.ids(ring_descs);
-        let after = self.slot(last).next_free;
-        let seq = self.next_seq;
-        self.next_seq = seq.wrapping_add(1);
         self.free_head = after;
         self.num_free -= ids;
         let s = self.slot_mut(head);
@@ -335,57 +330,107 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
         }
         s.ring_descs = ring_descs;
         s.writable = writable;
-        s.seq = seq;
+        s.stamp = stamp;
         if self.in_order {
-            let pos = self.fifo_pos(self.in_flight);
-            self.slot_mut(pos).fifo = head;
+            self.push_fifo(head);
         }
-        self.in_flight += 1;
     }
 
-    /// Marks every chain added so far as published.
-    #[inline(always)]
-    pub fn publish(&mut self) {
-        self.published_seq = self.next_seq;
+    #[cold]
+    fn push_fifo(&mut self, head: u16) {
+        let pos = self.fifo_tail;
+        self.slot_mut(pos).fifo = head;
+        self.fifo_tail = self.fifo_pos(1, pos);
     }
 
-    /// Completes chain `id` as the device reported it (any order).
+    /// Completes chain `id` as the device reported it (any order; not for
+    /// in-order mode, whose FIFO this does not update). `published` is the
+    /// queue's publication counter: a chain is published iff the counter has
+    /// reached the chain's stamp. Stamps of chains in flight lie within the
+    /// `size <= 2^15` counter values before the counter's next value, so the
+    /// signed 16-bit distance tells the two apart without ambiguity.
     #[inline(always)]
-    pub fn complete(&mut self, id: u32, len: u32) -> Result<Completed<T>, DeviceError> {
+    pub fn complete(&mut self, id: u32, len: u32, published: u16) -> Result<Completed<T>, DeviceError> {
         if id >= u32::from(self.size) {
             return Err(DeviceError::UsedIdOutOfRange { id, queue_size: self.size });
         }
         let i = id as u16;
-        let published_seq = self.published_seq;
         let s = self.slot_mut(i);
-        // A chain is published iff it was added before the last publish.
-        let published = (published_seq.wrapping_sub(s.seq) as i32) > 0;
-        if !published || s.token.is_none() {
+        let writable = s.writable;
+        if (published.wrapping_sub(s.stamp) as i16) < 0 {
             return Err(DeviceError::UsedIdNotInFlight { id });
         }
-        if len > s.writable {
-            return Err(DeviceError::UsedLenTooLarge { id, len, writable: s.writable });
+        if len > writable {
+            // Not in flight takes precedence over a bad length.
+            if s.token.is_none() {
+                return Err(DeviceError::UsedIdNotInFlight { id });
+            }
+            return Err(DeviceError::UsedLenTooLarge { id, len, writable });
         }
         let Some(token) = s.token.take() else {
             return Err(DeviceError::UsedIdNotInFlight { id });
         };
-        let done = Completed { token, writable: s.writable, ring_descs: s.ring_descs };
-        self.release(i);
-        Ok(done)
+        let ring_descs = s.ring_descs;
+        let last = if IDS_ARE_DESCRIPTORS { s.last } else { i };
+        // Back at the head of the free list: the most recently used entries
+        // are the ones still in cache.
+        let free_head = self.free_head;
+        self.slot_mut(last).next_free = free_head;
+        self.free_head = i;
+        self.num_free += self.ids(ring_descs);
+        Ok(Completed { token, writable, ring_descs })
     }
 
-    /// Puts chain `head`'s run of entries back on the free list: at the tail
-    /// for IN_ORDER split queues, whose descriptors must be reused in ring
-    /// order (§2.7.9 with VIRTIO_F_IN_ORDER), else at the head (the most
-    /// recently used entries are the ones still in cache).
     #[inline(always)]
-    fn release(&mut self, head: u16) {
-        let (last, ids) = {
-            let s = self.slot(head);
-            // Packed chains take one entry: their run ends where it starts.
-            (if IDS_ARE_DESCRIPTORS { s.last } else { head }, self.ids(s.ring_descs))
-        };
-        if IDS_ARE_DESCRIPTORS && self.in_order {
+    fn fifo_pos(&self, base: u16, age: u16) -> u16 {
+        let p = u32::from(base) + u32::from(age);
+        let size = u32::from(self.size);
+        (if p >= size { p - size } else { p }) as u16
+    }
+
+    /// In-order mode: the device used chain `id` and, implicitly, every older
+    /// chain. Returns how many chains that is, if `id` is one of the oldest
+    /// `window` chains; the caller limits `window` to the published chains
+    /// in flight.
+    pub fn in_order_batch(&self, id: u32, len: u32, window: u16) -> Result<u16, DeviceError> {
+        if id >= u32::from(self.size) {
+            return Err(DeviceError::UsedIdOutOfRange { id, queue_size: self.size });
+        }
+        if window == 0 {
+            return Err(DeviceError::UsedIdNotInFlight { id });
+        }
+        let mut age = 0;
+        while age < window {
+            let pos = self.fifo_pos(self.fifo_head, age);
+            if u32::from(self.slot(pos).fifo) == id {
+                let writable = self.slot(id as u16).writable;
+                if len > writable {
+                    return Err(DeviceError::UsedLenTooLarge { id, len, writable });
+                }
+                return Ok(age + 1);
+            }
+            age += 1;
+        }
+        let expected = u32::from(self.slot(self.fifo_head).fifo);
+        Err(DeviceError::UsedOutOfOrder { id, expected })
+    }
+
+    /// In-order mode: completes the oldest chain, which `in_order_batch`
+    /// showed the device has used. `None` only if nothing is in flight, which
+    /// the caller has excluded.
+    pub fn complete_oldest(&mut self) -> Option<Completed<T>> {
+        if self.num_free == self.size {
+            return None;
+        }
+        let head = self.slot(self.fifo_head).fifo;
+        let s = self.slot_mut(head);
+        let token = s.token.take()?;
+        let done = Completed { token, writable: s.writable, ring_descs: s.ring_descs };
+        let last = if IDS_ARE_DESCRIPTORS { s.last } else { head };
+        self.fifo_head = self.fifo_pos(self.fifo_head, 1);
+        if IDS_ARE_DESCRIPTORS {
+            // Split: descriptors must be reused in ring order (§2.7.9 with
+            // VIRTIO_F_IN_ORDER), so the run goes to the tail of the list.
             if self.num_free == 0 {
                 self.free_head = head;
             } else {
@@ -398,58 +443,7 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
             self.slot_mut(last).next_free = free_head;
             self.free_head = head;
         }
-        self.num_free += ids;
-        self.in_flight -= 1;
-    }
-
-    #[inline(always)]
-    fn fifo_pos(&self, age: u16) -> u16 {
-        let p = u32::from(self.fifo_head) + u32::from(age);
-        let size = u32::from(self.size);
-        (if p >= size { p - size } else { p }) as u16
-    }
-
-    /// In-order mode: the device used chain `id` and, implicitly, every older
-    /// published chain. Returns how many chains that is, if `id` is one of the
-    /// oldest `window` published chains.
-    pub fn in_order_batch(&self, id: u32, len: u32, window: u16) -> Result<u16, DeviceError> {
-        if id >= u32::from(self.size) {
-            return Err(DeviceError::UsedIdOutOfRange { id, queue_size: self.size });
-        }
-        let window = window.min(self.published_in_flight());
-        if window == 0 {
-            return Err(DeviceError::UsedIdNotInFlight { id });
-        }
-        let mut age = 0;
-        while age < window {
-            let pos = self.fifo_pos(age);
-            if u32::from(self.slot(pos).fifo) == id {
-                let writable = self.slot(id as u16).writable;
-                if len > writable {
-                    return Err(DeviceError::UsedLenTooLarge { id, len, writable });
-                }
-                return Ok(age + 1);
-            }
-            age += 1;
-        }
-        let expected = u32::from(self.slot(self.fifo_pos(0)).fifo);
-        Err(DeviceError::UsedOutOfOrder { id, expected })
-    }
-
-    /// In-order mode: completes the oldest chain, which `in_order_batch`
-    /// showed the device has used. `None` only if nothing is in flight, which
-    /// the caller has excluded.
-    #[inline(always)]
-    pub fn complete_oldest(&mut self) -> Option<Completed<T>> {
-        if self.in_flight == 0 {
-            return None;
-        }
-        let head = self.slot(self.fifo_head).fifo;
-        let s = self.slot_mut(head);
-        let token = s.token.take()?;
-        let done = Completed { token, writable: s.writable, ring_descs: s.ring_descs };
-        self.fifo_head = self.fifo_pos(1);
-        self.release(head);
+        self.num_free += self.ids(done.ring_descs);
         Some(done)
     }
 }

@@ -35,8 +35,9 @@ pub struct QueueConfig<'a> {
 }
 
 impl<'a> QueueConfig<'a> {
-    /// Checks the configuration against the layout of `format`.
-    pub(crate) fn layout(&self, format: RingFormat) -> Result<(RingLayout, Option<IndirectTables<'a>>), LayoutError> {
+    /// Checks the configuration against the layout of `format`. Without
+    /// INDIRECT_DESC the tables returned have no entries.
+    pub(crate) fn layout(&self, format: RingFormat) -> Result<(RingLayout, IndirectTables<'a>), LayoutError> {
         let layout = RingLayout::new(format, self.queue_size)?;
         if self.ring.len() < layout.size() {
             return Err(LayoutError::AreaTooSmall { needed: layout.size(), given: self.ring.len() });
@@ -45,11 +46,13 @@ impl<'a> QueueConfig<'a> {
         {
             return Err(LayoutError::MisalignedAddress { addr: self.ring_iova, align: crate::layout::DESC_ALIGN });
         }
-        let indirect = if self.features.contains(RingFeatures::INDIRECT_DESC) { self.indirect } else { None };
-        if let Some(t) = &indirect {
-            t.check(self.queue_size)?;
+        match self.indirect {
+            Some(t) if self.features.contains(RingFeatures::INDIRECT_DESC) => {
+                t.check(self.queue_size)?;
+                Ok((layout, t))
+            }
+            _ => Ok((layout, IndirectTables::none())),
         }
-        Ok((layout, indirect))
     }
 }
 
@@ -78,9 +81,8 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     layout: RingLayout,
     iova: u64,
     slots: SlotTable<T, S, true>,
-    indirect: Option<IndirectTables<'a>>,
-    /// Entries of an indirect table, 0 without indirect tables.
-    indirect_max: usize,
+    /// Indirect tables; without INDIRECT_DESC they have no entries.
+    indirect: IndirectTables<'a>,
     mask: u16,
     event_idx: bool,
     in_order: bool,
@@ -89,17 +91,33 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     used_event: usize,
     used_ring: usize,
     avail_event: usize,
-    /// Free-running index of the next available-ring entry to fill.
+    /// Free-running index of the next available-ring entry to fill. Every
+    /// chain takes one entry, so `avail_idx - last_used` chains are in flight.
     avail_idx: u16,
-    /// The value of `avail.idx` the device can see.
+    /// The value of `avail.idx` the device can see: `published_avail -
+    /// last_used` chains in flight are published. It is also the slots'
+    /// publication counter: a chain's stamp is `avail_idx` after its entry.
     published_avail: u16,
     /// Free-running index of the next used element to read.
     last_used: u16,
     /// The last `used.idx` read (and checked); entries before it are ready.
+    /// Kept equal to `last_used` while the queue is broken and in IN_ORDER
+    /// mode, so `used_seen != last_used` alone admits the fast path of
+    /// [`pop_used`](SplitQueue::pop_used).
     used_seen: u16,
     batch: InOrderBatch,
     used_notify: UsedNotify,
     broken: Option<DeviceError>,
+}
+
+/// What `add_inner` wrote: the chain's head and last descriptor, the free-list
+/// entry after its run, its descriptors and its writable bytes.
+struct Added {
+    head: u16,
+    last: u16,
+    after: u16,
+    ring_descs: u16,
+    writable: u32,
 }
 
 /// A split queue that owns its `N` slots (no heap needed).
@@ -123,7 +141,6 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             iova: config.ring_iova,
             slots,
             indirect,
-            indirect_max: indirect.map_or(0, |t| t.entries() as usize),
             mask: config.queue_size - 1,
             event_idx: config.features.contains(RingFeatures::EVENT_IDX),
             in_order,
@@ -167,7 +184,13 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
 
     /// Chains added and not yet completed.
     pub fn in_flight(&self) -> u16 {
-        self.slots.in_flight()
+        self.avail_idx.wrapping_sub(self.last_used)
+    }
+
+    /// Published chains not yet completed: what the device may return.
+    #[inline(always)]
+    fn published_in_flight(&self) -> u16 {
+        self.published_avail.wrapping_sub(self.last_used)
     }
 
     /// The device error that broke the queue, if any.
@@ -177,8 +200,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
 
     /// Most buffers one chain may have.
     pub fn max_chain_buffers(&self) -> usize {
-        let direct = self.queue_size() as usize;
-        self.indirect.map_or(direct, |t| direct.max(t.entries() as usize))
+        (self.queue_size() as usize).max(self.indirect.entries() as usize)
     }
 
     #[inline(always)]
@@ -198,9 +220,12 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         }
     }
 
+    /// Breaks the queue. `used_seen = last_used` closes the fast path of
+    /// `pop_used`, which therefore need not check `broken` itself.
     #[cold]
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
+        self.used_seen = self.last_used;
         Error::Broken(e)
     }
 
@@ -212,8 +237,10 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     #[inline]
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
         match self.add_inner(readable, writable) {
-            Ok((head, last, ring_descs, w)) => {
-                self.slots.commit(head, last, ring_descs, token, w);
+            Ok(c) => {
+                // The chain is published once `published_avail` reaches the
+                // index after its available-ring entry, the new `avail_idx`.
+                self.slots.commit(c.head, c.last, c.after, c.ring_descs, token, c.writable, self.avail_idx);
                 Ok(())
             }
             Err(error) => Err(AddError { error, token }),
@@ -221,28 +248,38 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     }
 
     /// Writes the chain into free descriptors and the next available-ring
-    /// entry; returns (head, last, descriptors, writable bytes). Writing free
-    /// descriptors and an entry beyond `avail.idx` is invisible to a correct
-    /// device, so an early return leaves the queue as it was.
+    /// entry, and advances `avail_idx`. Writing free descriptors and an entry
+    /// beyond `avail.idx` is invisible to a correct device, so an early return
+    /// leaves the queue as it was.
     #[inline(always)]
-    fn add_inner(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<(u16, u16, u16, u32), Error> {
+    fn add_inner(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<Added, Error> {
         self.check_broken()?;
-        let n = readable.len() + writable.len();
-        if n == 0 {
-            return Err(Error::EmptyChain);
-        }
+        // The chain's last buffer is written without NEXT; every other one
+        // links to the following free-list entry.
+        let (last_buf, last_writable, readable, writable) = match writable.split_last() {
+            Some((l, w)) => (l, true, readable, w),
+            None => match readable.split_last() {
+                Some((l, r)) => (l, false, r, &[][..]),
+                None => return Err(Error::EmptyChain),
+            },
+        };
+        let last_flags = if last_writable { DescFlags::WRITE.bits() } else { 0 };
+        let n = readable.len() + writable.len() + 1;
+        let ring = self.ring;
         let head = self.slots.free_head();
         let mut sum = ChainSum::default();
-        let table = match self.indirect {
-            Some(t) if n > 1 && n <= self.indirect_max => Some(t),
-            _ => None,
-        };
+        if last_writable {
+            sum.add_writable(last_buf);
+        } else {
+            sum.add(last_buf);
+        }
         let last;
         let ring_descs;
-        if let Some(t) = table {
+        if n > 1 && n <= self.indirect.entries() as usize {
             if self.slots.num_free() == 0 {
                 return Err(Error::QueueFull);
             }
+            let t = self.indirect;
             let (toff, tiova) = t.table(head);
             let mem = t.mem();
             let mut at = toff;
@@ -262,51 +299,45 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
                 at += off::DESC_SIZE;
                 i += 1;
             }
-            let last_flags = if writable.is_empty() { 0 } else { DescFlags::WRITE.bits() };
-            // SAFETY: `at - 16` is the chain's last table entry (n >= 2).
-            unsafe { mem.write_u32(at - off::DESC_SIZE + off::SPLIT_DESC_FLAGS, u32::from(last_flags)) };
+            // SAFETY: as above: entry `n - 1 < entries` of the table.
+            unsafe { write_desc_at(mem, at, last_buf.addr, last_buf.len, last_flags, 0) };
             // SAFETY: `head < size`, inside the descriptor table.
-            unsafe { write_desc(&self.ring, head, tiova, (n * off::DESC_SIZE) as u32, DescFlags::INDIRECT.bits(), 0) };
+            unsafe { write_desc(&ring, head, tiova, (n * off::DESC_SIZE) as u32, DescFlags::INDIRECT.bits(), 0) };
             last = head;
             ring_descs = 1;
         } else {
             if n > self.slots.num_free() as usize {
                 return Err(self.no_room(n));
             }
-            // Every descriptor is written with NEXT, linking to the following
-            // free-list entry; the last one is then rewritten without it.
             let mut id = head;
-            let mut prev = head;
             for b in readable {
                 sum.add(b);
                 let next = self.slots.next_free(id);
                 // SAFETY: `id` comes from the free list (index invariant), below size.
-                unsafe { write_desc(&self.ring, id, b.addr, b.len, DescFlags::NEXT.bits(), next) };
-                prev = id;
+                unsafe { write_desc(&ring, id, b.addr, b.len, DescFlags::NEXT.bits(), next) };
                 id = next;
             }
             for b in writable {
                 sum.add_writable(b);
                 let next = self.slots.next_free(id);
                 // SAFETY: as above.
-                unsafe { write_desc(&self.ring, id, b.addr, b.len, (DescFlags::NEXT | DescFlags::WRITE).bits(), next) };
-                prev = id;
+                unsafe { write_desc(&ring, id, b.addr, b.len, (DescFlags::NEXT | DescFlags::WRITE).bits(), next) };
                 id = next;
             }
-            let last_flags = if writable.is_empty() { 0 } else { DescFlags::WRITE.bits() };
-            // SAFETY: `prev` is a descriptor of the chain, below size.
-            unsafe { write_flags_next(&self.ring, prev, last_flags, 0) };
-            last = prev;
+            // SAFETY: as above.
+            unsafe { write_desc(&ring, id, last_buf.addr, last_buf.len, last_flags, 0) };
+            last = id;
             ring_descs = n as u16;
         }
         // Lengths are checked after the (invisible) writes, so the common case
         // walks the buffers once.
         let writable_len = sum.finish()?;
-        let slot = (self.avail_idx & self.mask) as usize;
+        let avail_idx = self.avail_idx;
+        let slot = (avail_idx & self.mask) as usize;
         // SAFETY: `slot < size`, inside the available ring.
-        unsafe { self.ring.write_u16(self.avail_ring + 2 * slot, head) };
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        Ok((head, last, ring_descs, writable_len))
+        unsafe { ring.write_u16(self.avail_ring + 2 * slot, head) };
+        self.avail_idx = avail_idx.wrapping_add(1);
+        Ok(Added { head, last, after: self.slots.next_free(last), ring_descs, writable: writable_len })
     }
 
     /// Makes every chain added since the last call visible to the device with
@@ -326,7 +357,6 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         // SAFETY: the avail header is inside the checked layout.
         unsafe { self.ring.store_u16(self.layout.driver_offset() + off::AVAIL_IDX, new, Ordering::Release) };
         self.published_avail = new;
-        self.slots.publish();
         fence_store_before_load();
         if self.event_idx {
             // SAFETY: `avail_event` is inside the used area of the checked layout.
@@ -357,27 +387,30 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// device wrote is checked first; a bad one breaks the queue.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used<T>>, Error> {
-        self.check_broken()?;
-        if self.in_order {
-            return self.pop_used_in_order();
-        }
-        if self.used_seen == self.last_used {
+        let last_used = self.last_used;
+        if self.used_seen == last_used {
+            // Also where a broken queue and an IN_ORDER queue always come
+            // (`fail` and `pop_used_in_order` keep `used_seen == last_used`).
+            self.check_broken()?;
+            if self.in_order {
+                return self.pop_used_in_order();
+            }
             let used_idx = self.used_idx();
-            if used_idx == self.last_used {
+            if used_idx == last_used {
                 return Ok(None);
             }
             // Checked once per new index value: the entries up to it are
             // then consumed one by one without re-reading it.
-            let in_flight = self.slots.published_in_flight();
-            if used_idx.wrapping_sub(self.last_used) > in_flight {
-                return Err(self.fail(DeviceError::UsedIndexJump { used_idx, last_used: self.last_used, in_flight }));
+            let in_flight = self.published_in_flight();
+            if used_idx.wrapping_sub(last_used) > in_flight {
+                return Err(self.fail(DeviceError::UsedIndexJump { used_idx, last_used, in_flight }));
             }
             self.used_seen = used_idx;
         }
-        let (id, len) = self.used_elem(self.last_used);
-        match self.slots.complete(id, len) {
+        let (id, len) = self.used_elem(last_used);
+        match self.slots.complete(id, len, self.published_avail) {
             Ok(done) => {
-                self.last_used = self.last_used.wrapping_add(1);
+                self.last_used = last_used.wrapping_add(1);
                 Ok(Some(Used { token: done.token, len }))
             }
             Err(e) => Err(self.fail(e)),
@@ -395,7 +428,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             if ready == 0 {
                 return Ok(None);
             }
-            let in_flight = self.slots.published_in_flight();
+            let in_flight = self.published_in_flight();
             if ready > in_flight {
                 return Err(self.fail(DeviceError::UsedIndexJump { used_idx, last_used: self.last_used, in_flight }));
             }
@@ -412,6 +445,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.batch.remaining -= 1;
         let len = if self.batch.remaining == 0 { self.batch.last_len } else { done.writable };
         self.last_used = self.last_used.wrapping_add(1);
+        // Keeps `pop_used` off its fast path (see `used_seen`).
+        self.used_seen = self.last_used;
         Ok(Some(Used { token: done.token, len }))
     }
 
@@ -459,7 +494,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// `true` if that many have already completed.
     #[inline]
     pub fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error> {
-        let bufs = if self.event_idx { (u32::from(self.slots.published_in_flight()) * 3 / 4) as u16 } else { 0 };
+        let bufs = if self.event_idx { (u32::from(self.published_in_flight()) * 3 / 4) as u16 } else { 0 };
         self.arm_used_notification(bufs)
     }
 
@@ -498,6 +533,10 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     }
 }
 
+// `write_desc_at` stores `len`, `flags` and `next` as one 64-bit field.
+const _: () =
+    assert!(off::SPLIT_DESC_FLAGS == off::SPLIT_DESC_LEN + 4 && off::SPLIT_DESC_NEXT == off::SPLIT_DESC_LEN + 6);
+
 /// Writes one split descriptor: the address, then the length, flags and
 /// `next` together (adjacent data fields, one 64-bit store).
 ///
@@ -522,17 +561,4 @@ unsafe fn write_desc_at(mem: &SharedMemory<'_>, at: usize, addr: u64, len: u32, 
 unsafe fn write_desc(mem: &SharedMemory<'_>, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
     // SAFETY: forwarded contract: descriptor `id` lies inside the table.
     unsafe { write_desc_at(mem, id as usize * off::DESC_SIZE, addr, len, flags, next) }
-}
-
-/// Rewrites the `flags` and `next` fields of descriptor `id`.
-///
-/// # Safety
-///
-/// As for [`write_desc`].
-#[inline(always)]
-unsafe fn write_flags_next(mem: &SharedMemory<'_>, id: u16, flags: u16, next: u16) {
-    // SAFETY: forwarded contract.
-    unsafe {
-        mem.write_u32(id as usize * off::DESC_SIZE + off::SPLIT_DESC_FLAGS, u32::from(flags) | u32::from(next) << 16)
-    }
 }
