@@ -357,15 +357,8 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
         let i = id as u16;
         let s = self.slot_mut(i);
         let writable = s.writable;
-        if (published.wrapping_sub(s.stamp) as i16) < 0 {
-            return Err(DeviceError::UsedIdNotInFlight { id });
-        }
-        if len > writable {
-            // Not in flight takes precedence over a bad length.
-            if s.token.is_none() {
-                return Err(DeviceError::UsedIdNotInFlight { id });
-            }
-            return Err(DeviceError::UsedLenTooLarge { id, len, writable });
+        if (published.wrapping_sub(s.stamp) as i16) < 0 || len > writable {
+            return Err(Self::complete_error(s, id, len, published));
         }
         let Some(token) = s.token.take() else {
             return Err(DeviceError::UsedIdNotInFlight { id });
@@ -379,6 +372,18 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
         self.free_head = i;
         self.num_free += self.ids(ring_descs);
         Ok(Completed { token, writable, ring_descs })
+    }
+
+    /// Why `complete` refused chain `id`: not in flight (unpublished or no
+    /// chain) takes precedence over a bad length.
+    #[cold]
+    #[inline(never)]
+    fn complete_error(s: &Slot<T>, id: u32, len: u32, published: u16) -> DeviceError {
+        if (published.wrapping_sub(s.stamp) as i16) < 0 || s.token.is_none() {
+            DeviceError::UsedIdNotInFlight { id }
+        } else {
+            DeviceError::UsedLenTooLarge { id, len, writable: s.writable }
+        }
     }
 
     #[inline(always)]

@@ -16,7 +16,7 @@ use crate::error::{AddError, DeviceError, Error};
 use crate::layout::{off, AvailFlags, DescFlags, LayoutError, RingFeatures, RingFormat, RingLayout, UsedFlags};
 use crate::notify::need_event;
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
-use crate::slots::{ChainSum, IndirectTables, Slot, SlotStorage, SlotTable};
+use crate::slots::{check_chain, IndirectTables, Slot, SlotStorage, SlotTable};
 use crate::{Buffer, QueueAddresses, Used};
 
 /// Everything a queue is built from except its slots.
@@ -87,10 +87,12 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     event_idx: bool,
     in_order: bool,
     /// Offsets of the ring parts, precomputed from the layout.
-    avail_ring: usize,
     used_event: usize,
-    used_ring: usize,
     avail_event: usize,
+    /// The driver (available ring) and device (used ring) areas, as windows
+    /// of their own so the per-request accesses need no area offset.
+    avail: SharedMemory<'a>,
+    used: SharedMemory<'a>,
     /// Free-running index of the next available-ring entry to fill. Every
     /// chain takes one entry, so `avail_idx - last_used` chains are in flight.
     avail_idx: u16,
@@ -110,14 +112,11 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     broken: Option<DeviceError>,
 }
 
-/// What `add_inner` wrote: the chain's head and last descriptor, the free-list
-/// entry after its run, its descriptors and its writable bytes.
-struct Added {
-    head: u16,
-    last: u16,
-    after: u16,
-    ring_descs: u16,
-    writable: u32,
+/// What `check_and_write` wrote: a chain in the head's indirect table, or
+/// in `descs` free descriptors `head ..= last`; and its writable bytes.
+enum Written {
+    Indirect { head: u16, writable: u32 },
+    Direct { head: u16, last: u16, descs: u16, writable: u32 },
 }
 
 /// A split queue that owns its `N` slots (no heap needed).
@@ -135,6 +134,11 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         if let Some(r) = ring.slice(0, layout.size()) {
             r.zero();
         }
+        // Both areas lie inside the ring (checked by `config.layout`) and
+        // start on 64-byte boundaries, so neither slice fails.
+        let too_small = LayoutError::AreaTooSmall { needed: layout.size(), given: ring.len() };
+        let avail = ring.slice(layout.driver_offset(), layout.driver_size()).ok_or(too_small)?;
+        let used = ring.slice(layout.device_offset(), layout.device_size()).ok_or(too_small)?;
         Ok(SplitQueue {
             ring,
             layout,
@@ -144,10 +148,10 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             mask: config.queue_size - 1,
             event_idx: config.features.contains(RingFeatures::EVENT_IDX),
             in_order,
-            avail_ring: layout.driver_offset() + off::AVAIL_RING,
             used_event: layout.driver_offset() + off::AVAIL_RING + 2 * n,
-            used_ring: layout.device_offset() + off::USED_RING,
             avail_event: layout.device_offset() + off::USED_RING + off::USED_ELEM_SIZE * n,
+            avail,
+            used,
             avail_idx: 0,
             published_avail: 0,
             last_used: 0,
@@ -236,64 +240,56 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// On error nothing changed and the token comes back in the [`AddError`].
     #[inline]
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
-        match self.add_inner(readable, writable) {
-            Ok(c) => {
-                // The chain is published once `published_avail` reaches the
-                // index after its available-ring entry, the new `avail_idx`.
-                self.slots.commit(c.head, c.last, c.after, c.ring_descs, token, c.writable, self.avail_idx);
+        match self.check_and_write(readable, writable) {
+            Ok(Written::Indirect { head, writable }) => {
+                self.push_avail(head, head, 1, writable, token);
+                Ok(())
+            }
+            Ok(Written::Direct { head, last, descs, writable }) => {
+                self.push_avail(head, last, descs, writable, token);
                 Ok(())
             }
             Err(error) => Err(AddError { error, token }),
         }
     }
 
-    /// Writes the chain into free descriptors and the next available-ring
-    /// entry, and advances `avail_idx`. Writing free descriptors and an entry
-    /// beyond `avail.idx` is invisible to a correct device, so an early return
-    /// leaves the queue as it was.
+    /// Checks the chain, then writes it into free descriptors (or its slot's
+    /// indirect table) and the next available-ring entry, and advances
+    /// `avail_idx`. Everything is checked before anything is written, though
+    /// writing free descriptors and an entry beyond `avail.idx` would be
+    /// invisible to a correct device anyway.
     #[inline(always)]
-    fn add_inner(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<Added, Error> {
+    fn check_and_write(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<Written, Error> {
         self.check_broken()?;
+        let n = readable.len() + writable.len();
         // The chain's last buffer is written without NEXT; every other one
-        // links to the following free-list entry.
-        let (last_buf, last_writable, readable, writable) = match writable.split_last() {
-            Some((l, w)) => (l, true, readable, w),
+        // links to the next descriptor.
+        let (last_buf, last_flags, rest_r, rest_w) = match writable.split_last() {
+            Some((l, w)) => (l, DescFlags::WRITE.bits(), readable, w),
             None => match readable.split_last() {
-                Some((l, r)) => (l, false, r, &[][..]),
+                Some((l, r)) => (l, 0, r, &[][..]),
                 None => return Err(Error::EmptyChain),
             },
         };
-        let last_flags = if last_writable { DescFlags::WRITE.bits() } else { 0 };
-        let n = readable.len() + writable.len() + 1;
-        let ring = self.ring;
         let head = self.slots.free_head();
-        let mut sum = ChainSum::default();
-        if last_writable {
-            sum.add_writable(last_buf);
-        } else {
-            sum.add(last_buf);
-        }
-        let last;
-        let ring_descs;
         if n > 1 && n <= self.indirect.entries() as usize {
             if self.slots.num_free() == 0 {
                 return Err(Error::QueueFull);
             }
+            let writable_len = check_chain(readable, writable)?;
             let t = self.indirect;
             let (toff, tiova) = t.table(head);
             let mem = t.mem();
             let mut at = toff;
             let mut i: u16 = 1;
-            for b in readable {
-                sum.add(b);
+            for b in rest_r {
                 // SAFETY: `head < size` (index invariant) and fewer than
                 // `entries` descriptors, inside the tables `check` measured.
                 unsafe { write_desc_at(mem, at, b.addr, b.len, DescFlags::NEXT.bits(), i) };
                 at += off::DESC_SIZE;
                 i += 1;
             }
-            for b in writable {
-                sum.add_writable(b);
+            for b in rest_w {
                 // SAFETY: as above.
                 unsafe { write_desc_at(mem, at, b.addr, b.len, (DescFlags::NEXT | DescFlags::WRITE).bits(), i) };
                 at += off::DESC_SIZE;
@@ -302,42 +298,46 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             // SAFETY: as above: entry `n - 1 < entries` of the table.
             unsafe { write_desc_at(mem, at, last_buf.addr, last_buf.len, last_flags, 0) };
             // SAFETY: `head < size`, inside the descriptor table.
-            unsafe { write_desc(&ring, head, tiova, (n * off::DESC_SIZE) as u32, DescFlags::INDIRECT.bits(), 0) };
-            last = head;
-            ring_descs = 1;
-        } else {
-            if n > self.slots.num_free() as usize {
-                return Err(self.no_room(n));
-            }
-            let mut id = head;
-            for b in readable {
-                sum.add(b);
-                let next = self.slots.next_free(id);
-                // SAFETY: `id` comes from the free list (index invariant), below size.
-                unsafe { write_desc(&ring, id, b.addr, b.len, DescFlags::NEXT.bits(), next) };
-                id = next;
-            }
-            for b in writable {
-                sum.add_writable(b);
-                let next = self.slots.next_free(id);
-                // SAFETY: as above.
-                unsafe { write_desc(&ring, id, b.addr, b.len, (DescFlags::NEXT | DescFlags::WRITE).bits(), next) };
-                id = next;
-            }
-            // SAFETY: as above.
-            unsafe { write_desc(&ring, id, last_buf.addr, last_buf.len, last_flags, 0) };
-            last = id;
-            ring_descs = n as u16;
+            unsafe { write_desc(&self.ring, head, tiova, (n * off::DESC_SIZE) as u32, DescFlags::INDIRECT.bits(), 0) };
+            return Ok(Written::Indirect { head, writable: writable_len });
         }
-        // Lengths are checked after the (invisible) writes, so the common case
-        // walks the buffers once.
-        let writable_len = sum.finish()?;
+        if n > self.slots.num_free() as usize {
+            return Err(self.no_room(n));
+        }
+        let writable_len = check_chain(readable, writable)?;
+        let ring = self.ring;
+        let mut id = head;
+        for b in rest_r {
+            let next = self.slots.next_free(id);
+            // SAFETY: `id` comes from the free list (index invariant), below size.
+            unsafe { write_desc(&ring, id, b.addr, b.len, DescFlags::NEXT.bits(), next) };
+            id = next;
+        }
+        for b in rest_w {
+            let next = self.slots.next_free(id);
+            // SAFETY: as above.
+            unsafe { write_desc(&ring, id, b.addr, b.len, (DescFlags::NEXT | DescFlags::WRITE).bits(), next) };
+            id = next;
+        }
+        // SAFETY: as above.
+        unsafe { write_desc(&ring, id, last_buf.addr, last_buf.len, last_flags, 0) };
+        Ok(Written::Direct { head, last: id, descs: n as u16, writable: writable_len })
+    }
+
+    /// Puts chain `head` (last descriptor `last`) into the next available-ring
+    /// entry, invisible until `publish`, advances `avail_idx` and commits the
+    /// chain's slots. The chain is published once `published_avail` reaches
+    /// the index after its entry, the new `avail_idx`: that is its stamp.
+    #[inline(always)]
+    fn push_avail(&mut self, head: u16, last: u16, ring_descs: u16, writable: u32, token: T) {
         let avail_idx = self.avail_idx;
         let slot = (avail_idx & self.mask) as usize;
         // SAFETY: `slot < size`, inside the available ring.
-        unsafe { ring.write_u16(self.avail_ring + 2 * slot, head) };
-        self.avail_idx = avail_idx.wrapping_add(1);
-        Ok(Added { head, last, after: self.slots.next_free(last), ring_descs, writable: writable_len })
+        unsafe { self.avail.write_u16(off::AVAIL_RING + 2 * slot, head) };
+        let stamp = avail_idx.wrapping_add(1);
+        self.avail_idx = stamp;
+        let after = self.slots.next_free(last);
+        self.slots.commit(head, last, after, ring_descs, token, writable, stamp);
     }
 
     /// Makes every chain added since the last call visible to the device with
@@ -373,14 +373,14 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     fn used_idx(&self) -> u16 {
         // Acquire: the used elements the device wrote before this index are visible.
         // SAFETY: the used header is inside the checked layout.
-        unsafe { self.ring.load_u16(self.layout.device_offset() + off::USED_IDX, Ordering::Acquire) }
+        unsafe { self.used.load_u16(off::USED_IDX, Ordering::Acquire) }
     }
 
     #[inline(always)]
     fn used_elem(&self, idx: u16) -> (u32, u32) {
-        let e = self.used_ring + ((idx & self.mask) as usize) * off::USED_ELEM_SIZE;
+        let e = off::USED_RING + ((idx & self.mask) as usize) * off::USED_ELEM_SIZE;
         // SAFETY: `idx & mask < size`, inside the used ring.
-        unsafe { (self.ring.read_u32(e + off::USED_ELEM_ID), self.ring.read_u32(e + off::USED_ELEM_LEN)) }
+        unsafe { (self.used.read_u32(e + off::USED_ELEM_ID), self.used.read_u32(e + off::USED_ELEM_LEN)) }
     }
 
     /// Takes the next chain the device has used, if any. Every value the
