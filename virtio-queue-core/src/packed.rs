@@ -38,9 +38,11 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     size: u16,
     event_idx: bool,
     in_order: bool,
-    /// Ring position the next descriptor goes to, and the driver's wrap counter.
+    /// Ring position the next descriptor goes to, and the `AVAIL`/`USED` bits
+    /// that mark a descriptor available in the current lap (`AVAIL` when
+    /// the driver's wrap counter is 1, `USED` when it is 0).
     next_avail: u16,
-    avail_wrap: bool,
+    avail_bits: u16,
     /// Ring positions not occupied by chains in flight.
     free_positions: u16,
     /// Ring position of the next used descriptor, and the used wrap counter.
@@ -55,9 +57,8 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// publication counter. A chain's stamp is `next_seq` after its add.
     next_seq: u16,
     published_seq: u16,
-    /// Ring positions filled since the last publish.
-    positions_added: u16,
-    /// Position and flags of the batch's first head, stored by `publish`.
+    /// Position and flags of the batch's first head, stored by `publish`
+    /// (meaningful while chains are unpublished: `next_seq != published_seq`).
     batch_head: u16,
     batch_head_flags: u16,
     /// IN_ORDER: chains of a used batch still to hand out, and the length
@@ -99,14 +100,13 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             event_idx: config.features.contains(RingFeatures::EVENT_IDX),
             in_order,
             next_avail: 0,
-            avail_wrap: true,
+            avail_bits: DescFlags::AVAIL.bits(),
             free_positions: config.queue_size,
             next_used: 0,
             used_wrap: true,
             used_bits: if in_order { NEVER_USED } else { USED_BITS },
             next_seq: 0,
             published_seq: 0,
-            positions_added: 0,
             batch_head: 0,
             batch_head_flags: 0,
             batch_remaining: 0,
@@ -191,14 +191,10 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         Error::Broken(e)
     }
 
-    /// `AVAIL`/`USED` bits that mark a descriptor available in lap `wrap`.
+    /// The driver's wrap counter.
     #[inline(always)]
-    fn avail_bits(wrap: bool) -> u16 {
-        if wrap {
-            DescFlags::AVAIL.bits()
-        } else {
-            DescFlags::USED.bits()
-        }
+    fn avail_wrap(&self) -> bool {
+        self.avail_bits == DescFlags::AVAIL.bits()
     }
 
     /// Adds a chain of `readable` then `writable` buffers, not yet visible to
@@ -208,45 +204,31 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// On error nothing changed and the token comes back in the [`AddError`].
     #[inline]
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
-        match self.add_inner(readable, writable) {
-            Ok((id, positions, w)) => {
-                let stamp = self.next_seq.wrapping_add(1);
-                self.next_seq = stamp;
-                let after = self.slots.next_free(id);
-                self.slots.commit(id, id, after, positions, token, w, stamp);
-                Ok(())
-            }
-            Err(error) => Err(AddError { error, token }),
+        if let Some(e) = self.broken {
+            return Err(AddError { error: Error::Broken(e), token });
         }
-    }
-
-    #[inline(always)]
-    fn add_inner(&mut self, readable: &[Buffer], writable: &[Buffer]) -> Result<(u16, u16, u32), Error> {
-        self.check_broken()?;
         let n = readable.len() + writable.len();
         if n == 0 {
-            return Err(Error::EmptyChain);
+            return Err(AddError { error: Error::EmptyChain, token });
         }
-        let table = if n > 1 && n <= self.indirect.entries() as usize { Some(self.indirect) } else { None };
-        let positions = if table.is_some() { 1 } else { n };
-        // Enough free positions also means a free buffer ID: every chain in
-        // flight occupies at least one position, so with one position free
-        // fewer than `size` chains (IDs) are in flight.
-        if positions > self.free_positions as usize {
-            return Err(self.no_room(positions));
-        }
-        // Lengths are checked before any flags are written: a descriptor
-        // marked available stays so until overwritten, even if the chain is
-        // refused.
-        let writable_len = check_chain(readable, writable)?;
-        // Checks done: from here on the chain is written and committed.
-        let id = self.slots.free_head();
-        let first_of_batch = self.positions_added == 0;
-        let head = self.next_avail;
-        let head_flags;
-        if let Some(t) = table {
-            let (toff, tiova) = t.table(id);
-            let mem = t.mem();
+        if n > 1 && n <= self.indirect.entries() as usize {
+            // Enough free positions also means a free buffer ID: every chain
+            // in flight occupies at least one position, so with one position
+            // free fewer than `size` chains (IDs) are in flight.
+            if self.free_positions == 0 {
+                return Err(AddError { error: self.no_room(1), token });
+            }
+            // Lengths are checked before any flags are written: a descriptor
+            // marked available stays so until overwritten, even if the chain
+            // is refused.
+            let writable_len = match check_chain(readable, writable) {
+                Ok(w) => w,
+                Err(error) => return Err(AddError { error, token }),
+            };
+            // Checks done: from here on the chain is written and committed.
+            let id = self.slots.free_head();
+            let (toff, tiova) = self.indirect.table(id);
+            let mem = self.indirect.mem();
             let mut at = toff;
             for b in readable {
                 // SAFETY: `id < size` (index invariant) and fewer than `entries`
@@ -259,39 +241,44 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
                 unsafe { write_table_desc(mem, at, b.addr, b.len, id, DescFlags::WRITE.bits()) };
                 at += off::DESC_SIZE;
             }
+            let head = self.next_avail;
             // SAFETY: `head < size`, inside the descriptor ring.
             unsafe { write_desc_data(&self.ring, head, tiova, (n * off::DESC_SIZE) as u32, id) };
-            head_flags = DescFlags::INDIRECT.bits() | Self::avail_bits(self.avail_wrap);
+            let head_flags = DescFlags::INDIRECT.bits() | self.avail_bits;
             self.advance_avail();
-        } else {
-            let p = self.next_avail as usize;
-            if p + n <= self.size as usize {
-                // The chain does not cross the end of the ring: positions
-                // p .. p+n, all in the current lap.
-                head_flags = self.put_chain_no_wrap(readable, writable, id, p, n);
-            } else {
-                // The head's flags are returned, not written; every other
-                // descriptor's are written as it is filled.
-                let next = DescFlags::NEXT.bits();
-                let mut hf = 0;
-                let mut k = 0usize;
-                for b in readable {
-                    k += 1;
-                    hf = self.put_desc(b, id, if k < n { next } else { 0 }, k - 1, hf);
-                }
-                for b in writable {
-                    k += 1;
-                    hf = self.put_desc(b, id, DescFlags::WRITE.bits() | if k < n { next } else { 0 }, k - 1, hf);
-                }
-                head_flags = hf;
-            }
+            self.finish_add(id, head, head_flags, 1, writable_len, token);
+            return Ok(());
         }
-        if first_of_batch {
+        if n > self.free_positions as usize {
+            return Err(AddError { error: self.no_room(n), token });
+        }
+        let writable_len = match check_chain(readable, writable) {
+            Ok(w) => w,
+            Err(error) => return Err(AddError { error, token }),
+        };
+        let id = self.slots.free_head();
+        let p = self.next_avail;
+        let head_flags = if p as usize + n <= self.size as usize {
+            self.put_chain_no_wrap(readable, writable, id, p as usize, n)
+        } else {
+            self.put_chain_wrapping(readable, writable, id, n)
+        };
+        self.finish_add(id, p, head_flags, n as u16, writable_len, token);
+        Ok(())
+    }
+
+    /// Ends an add whose chain (buffer `id`, `positions` ring positions from
+    /// `head`) is written except for the head's flags, `head_flags`: the
+    /// batch's first head keeps them for `publish`, a later head gets them at
+    /// once (the device reaches it only after the first, stored with
+    /// release). Then the chain's ID and positions are taken.
+    #[inline(always)]
+    fn finish_add(&mut self, id: u16, head: u16, head_flags: u16, positions: u16, writable: u32, token: T) {
+        let seq = self.next_seq;
+        if seq == self.published_seq {
             self.batch_head = head;
             self.batch_head_flags = head_flags;
         } else {
-            // A later head of the batch: the device reaches it only after the
-            // batch's first head, which `publish` stores with release.
             // SAFETY: `head < size`, inside the descriptor ring.
             unsafe {
                 self.ring.store_u16(
@@ -301,9 +288,32 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
                 )
             };
         }
-        self.free_positions -= positions as u16;
-        self.positions_added += positions as u16;
-        Ok((id, positions as u16, writable_len))
+        self.free_positions -= positions;
+        // The chain is published once `published_seq` reaches its stamp.
+        let stamp = seq.wrapping_add(1);
+        self.next_seq = stamp;
+        let after = self.slots.next_free(id);
+        self.slots.commit(id, id, after, positions, token, writable, stamp);
+    }
+
+    /// Writes a chain of `n` buffers at positions from `next_avail` on that
+    /// cross the end of the ring (once per lap at most), and advances
+    /// `next_avail`. Returns the head's flags, which are not written; every
+    /// other descriptor's are written as it is filled.
+    #[inline(never)]
+    fn put_chain_wrapping(&mut self, readable: &[Buffer], writable: &[Buffer], id: u16, n: usize) -> u16 {
+        let next = DescFlags::NEXT.bits();
+        let mut hf = 0;
+        let mut k = 0usize;
+        for b in readable {
+            k += 1;
+            hf = self.put_desc(b, id, if k < n { next } else { 0 }, k - 1, hf);
+        }
+        for b in writable {
+            k += 1;
+            hf = self.put_desc(b, id, DescFlags::WRITE.bits() | if k < n { next } else { 0 }, k - 1, hf);
+        }
+        hf
     }
 
     /// Fills the descriptor at `next_avail` with buffer `b` of chain `id` and
@@ -314,7 +324,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     #[inline(always)]
     fn put_desc(&mut self, b: &Buffer, id: u16, flags: u16, k: usize, hf: u16) -> u16 {
         let pos = self.next_avail;
-        let flags = flags | Self::avail_bits(self.avail_wrap);
+        let flags = flags | self.avail_bits;
         // SAFETY: `pos < size`, inside the descriptor ring.
         unsafe { write_desc_data(&self.ring, pos, b.addr, b.len, id) };
         let hf = if k == 0 {
@@ -332,48 +342,34 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
 
     /// Writes a chain of `n` buffers at positions `p .. p + n`, which do not
     /// cross the end of the ring, and advances `next_avail`. Returns the
-    /// head's flags, which are not written (see `add_inner`).
+    /// head's flags, which are not written (see `finish_add`); every other
+    /// descriptor gets its final flags with its data.
     #[inline(always)]
     fn put_chain_no_wrap(&mut self, readable: &[Buffer], writable: &[Buffer], id: u16, p: usize, n: usize) -> u16 {
-        let avail = Self::avail_bits(self.avail_wrap);
-        let next = DescFlags::NEXT.bits();
-        let write = DescFlags::WRITE.bits();
+        let avail = self.avail_bits;
+        let ring = self.ring;
         let head_at = p * off::DESC_SIZE;
-        // The last descriptor is rewritten without NEXT below; every other
-        // one, the head excepted, gets its flags with its data.
-        let last_at = head_at + (n - 1) * off::DESC_SIZE;
-        let mut at = head_at;
-        let (first, rest_r, rest_w, head_w) = match (readable.split_first(), writable.split_first()) {
-            (Some((f, r)), _) => (f, r, writable, 0),
-            (None, Some((f, w))) => (f, &[][..], w, write),
-            (None, None) => return 0,
-        };
-        // SAFETY: positions p .. p + n are below the queue size, so every
-        // `at + 16 <= size × 16`, inside the ring (also for the stores below).
-        unsafe { write_desc_data(&self.ring, p as u16, first.addr, first.len, id) };
-        for b in rest_r {
-            at += off::DESC_SIZE;
-            // SAFETY: see above.
-            unsafe { write_desc_with_flags(&self.ring, at, b.addr, b.len, id, avail | next) };
+        let flags = |k: usize, w: u16| avail | w | if k + 1 < n { DescFlags::NEXT.bits() } else { 0 };
+        let mut k = 0;
+        for b in readable {
+            // SAFETY: positions p .. p + n are below the queue size, so every
+            // descriptor `head_at + 16 k` is inside the ring.
+            unsafe { put_chain_desc(&ring, head_at, k, b, id, flags(k, 0)) };
+            k += 1;
         }
-        for b in rest_w {
-            at += off::DESC_SIZE;
-            // SAFETY: see above.
-            unsafe { write_desc_with_flags(&self.ring, at, b.addr, b.len, id, avail | next | write) };
-        }
-        if n > 1 {
-            let w = if writable.is_empty() { 0 } else { write };
-            // SAFETY: see above.
-            unsafe { self.ring.store_u16(last_at + off::PACKED_DESC_FLAGS, avail | w, Ordering::Relaxed) };
+        for b in writable {
+            // SAFETY: as above.
+            unsafe { put_chain_desc(&ring, head_at, k, b, id, flags(k, DescFlags::WRITE.bits())) };
+            k += 1;
         }
         let np = p + n;
         if np == self.size as usize {
             self.next_avail = 0;
-            self.avail_wrap = !self.avail_wrap;
+            self.avail_bits ^= USED_BITS;
         } else {
             self.next_avail = np as u16;
         }
-        avail | head_w | if n > 1 { next } else { 0 }
+        flags(0, if readable.is_empty() { DescFlags::WRITE.bits() } else { 0 })
     }
 
     #[inline(always)]
@@ -381,7 +377,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         self.next_avail += 1;
         if self.next_avail == self.size {
             self.next_avail = 0;
-            self.avail_wrap = !self.avail_wrap;
+            self.avail_bits ^= USED_BITS;
         }
     }
 
@@ -391,7 +387,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     #[inline]
     pub fn publish(&mut self) -> Result<bool, Error> {
         self.check_broken()?;
-        if self.positions_added == 0 {
+        if self.next_seq == self.published_seq {
             return Ok(false);
         }
         // Release: every descriptor of the batch was written before.
@@ -405,8 +401,11 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         };
         self.published_seq = self.next_seq;
         let new = self.next_avail;
-        let old = new.wrapping_sub(self.positions_added);
-        self.positions_added = 0;
+        // Where the batch started, on the continuum of `new`: one lap behind
+        // if the batch crossed the end of the ring (or, filling the whole
+        // ring, ends where it started).
+        let head = self.batch_head;
+        let old = if head < new { head } else { head.wrapping_sub(self.size) };
         fence_store_before_load();
         let dev = self.layout.device_offset();
         // SAFETY: the device event suppression structure is inside the checked layout.
@@ -418,7 +417,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
                 let off_wrap = unsafe { self.ring.load_u16(dev + off::EVENT_OFF_WRAP, Ordering::Relaxed) };
                 // `new` is on the current lap's continuum (`avail_wrap`);
                 // `old` may lie one lap behind, which the wrapping arithmetic covers.
-                need_event(packed_event_position(off_wrap, self.avail_wrap, self.size), new, old)
+                need_event(packed_event_position(off_wrap, self.avail_wrap(), self.size), new, old)
             }
             // Enable, and values a correct device does not write: notify.
             _ => true,
@@ -596,14 +595,13 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             r.zero();
         }
         self.next_avail = 0;
-        self.avail_wrap = true;
+        self.avail_bits = DescFlags::AVAIL.bits();
         self.free_positions = self.size;
         self.next_used = 0;
         self.used_wrap = true;
         self.used_bits = if self.in_order { NEVER_USED } else { USED_BITS };
         self.next_seq = 0;
         self.published_seq = 0;
-        self.positions_added = 0;
         self.batch_remaining = 0;
         self.driver_event_flags = PackedEventFlags::Enable as u16;
         self.broken = None;
@@ -623,6 +621,28 @@ unsafe fn write_desc_data(mem: &SharedMemory<'_>, pos: u16, addr: u64, len: u32,
         mem.write_u64(at + off::PACKED_DESC_ADDR, addr);
         mem.write_u32(at + off::PACKED_DESC_LEN, len);
         mem.write_u16(at + off::PACKED_DESC_ID, id);
+    }
+}
+
+/// Writes descriptor `k` of a chain whose head is at byte offset `head_at`:
+/// the head's data fields only (its flags are stored last, see
+/// `PackedQueue::finish_add`), a later descriptor's data and flags together.
+///
+/// # Safety
+///
+/// `head_at` is 16-aligned and `head_at + 16 × (k + 1) <= mem.len()`.
+#[inline(always)]
+unsafe fn put_chain_desc(mem: &SharedMemory<'_>, head_at: usize, k: usize, b: &Buffer, id: u16, flags: u16) {
+    let at = head_at + k * off::DESC_SIZE;
+    // SAFETY: forwarded contract: descriptor `k` lies inside the ring.
+    unsafe {
+        if k == 0 {
+            mem.write_u64(at + off::PACKED_DESC_ADDR, b.addr);
+            mem.write_u32(at + off::PACKED_DESC_LEN, b.len);
+            mem.write_u16(at + off::PACKED_DESC_ID, id);
+        } else {
+            write_desc_with_flags(mem, at, b.addr, b.len, id, flags);
+        }
     }
 }
 
