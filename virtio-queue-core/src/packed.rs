@@ -583,7 +583,62 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             self.set_driver_event_flags(PackedEventFlags::Enable, Ordering::Relaxed);
         }
         fence_store_before_load();
-        Ok(self.batch_remaining > 0 || self.is_used(pos, wrap))
+        Ok(self.used_beyond(bufs))
+    }
+
+    /// Whether the device has already used descriptors covering more than
+    /// `bufs` ring positions past `next_used`: then its decision about an
+    /// event at `next_used + bufs` may have been taken before it saw the
+    /// request, and the caller must poll instead of waiting.
+    ///
+    /// Used descriptors are not at fixed positions: each is followed by the
+    /// rest of its chain's positions (or, under IN_ORDER, its whole batch's),
+    /// which the device skips (§2.8.6, §2.8.9). So the check walks them as
+    /// `pop_used` would, instead of looking at the event position alone,
+    /// which may be in the middle of a chain and never be marked used.
+    /// Anything unexpected (an id not in flight) says "poll", so that
+    /// `pop_used` reports it.
+    fn used_beyond(&self, bufs: u16) -> bool {
+        if self.batch_remaining > 0 {
+            return true;
+        }
+        let (mut pos, mut wrap) = (self.next_used, self.used_wrap);
+        let mut covered = 0u32;
+        let mut age = 0u16;
+        let window = self.published_in_flight();
+        // Every step covers at least one position, and at most `size` are in flight.
+        for _ in 0..self.size {
+            if !self.is_used(pos, wrap) {
+                return false;
+            }
+            let (id, _) = self.used_desc(pos);
+            let step = if self.in_order {
+                match self.slots.in_order_span(id, age, window.saturating_sub(age)) {
+                    Some((chains, descs)) => {
+                        age += chains;
+                        descs
+                    }
+                    None => return true,
+                }
+            } else {
+                match self.slots.published_ring_descs(id, self.published_seq) {
+                    Some(descs) => u32::from(descs),
+                    None => return true,
+                }
+            };
+            covered += step;
+            if covered > u32::from(bufs) {
+                return true;
+            }
+            let p = u32::from(pos) + step;
+            if p >= u32::from(self.size) {
+                pos = (p % u32::from(self.size)) as u16;
+                wrap = !wrap;
+            } else {
+                pos = p as u16;
+            }
+        }
+        true
     }
 
     /// Forgets every chain (giving each token to `each`), clears the broken

@@ -374,6 +374,32 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
         Ok(Completed { token, writable, ring_descs })
     }
 
+    /// Ring descriptors of chain `id` if it is in flight and published
+    /// (see [`complete`](Self::complete)); `None` for any other id.
+    pub fn published_ring_descs(&self, id: u32, published: u16) -> Option<u16> {
+        if id >= u32::from(self.size) {
+            return None;
+        }
+        let s = self.slot(id as u16);
+        let published_chain = (published.wrapping_sub(s.stamp) as i16) >= 0;
+        (published_chain && s.token.is_some()).then_some(s.ring_descs)
+    }
+
+    /// In-order mode: if `id` is among the `window` chains from age `from`
+    /// (0 = the oldest in flight), how many chains from `from` up to and
+    /// including it there are, and the ring descriptors they occupy.
+    pub fn in_order_span(&self, id: u32, from: u16, window: u16) -> Option<(u16, u32)> {
+        let mut descs = 0u32;
+        for k in 0..window {
+            let head = self.slot(self.fifo_pos(self.fifo_head, from.checked_add(k)?)).fifo;
+            descs += u32::from(self.slot(head).ring_descs);
+            if u32::from(head) == id {
+                return Some((k + 1, descs));
+            }
+        }
+        None
+    }
+
     /// Why `complete` refused chain `id`: not in flight (unpublished or no
     /// chain) takes precedence over a bad length.
     #[cold]
