@@ -566,7 +566,19 @@ fn fuzz_targets(root: &Path) -> Result<Vec<String>> {
 }
 
 /// Runs one fuzz target for `seconds` with the default sanitizer; a crash fails.
+/// First replays the inputs kept in `fuzz/regressions/<target>/`: each once
+/// made the target fail, and must pass for good.
 fn fuzz_run(root: &Path, target: &str, seconds: u64) -> Result {
+    let kept = root.join("fuzz").join("regressions").join(target);
+    if let Ok(entries) = std::fs::read_dir(&kept) {
+        let mut inputs: Vec<String> = entries.filter_map(|e| e.ok()).map(|e| e.path().display().to_string()).collect();
+        inputs.sort();
+        if !inputs.is_empty() {
+            let mut args: Vec<String> = ["+nightly", "fuzz", "run", target].map(String::from).to_vec();
+            args.extend(inputs);
+            Cmd::cargo(args).run_in(root)?;
+        }
+    }
     Cmd::cargo([
         "+nightly".to_string(),
         "fuzz".into(),
