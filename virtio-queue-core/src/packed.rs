@@ -55,8 +55,8 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     used_bits: u16,
     /// Chains added, and chains published (free-running): the slots'
     /// publication counter. A chain's stamp is `next_seq` after its add.
-    next_seq: u16,
-    published_seq: u16,
+    next_seq: u64,
+    published_seq: u64,
     /// Position and flags of the batch's first head, stored by `publish`
     /// (meaningful while chains are unpublished: `next_seq != published_seq`).
     batch_head: u16,
@@ -151,7 +151,8 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn published_in_flight(&self) -> u16 {
         // Chains added since the last publish: the stamps handed out since
         // then (fewer than 2^16, as they are all in flight).
-        self.in_flight() - self.next_seq.wrapping_sub(self.published_seq)
+        // (fewer than 2^16: they are all in flight).
+        self.in_flight() - (self.next_seq - self.published_seq) as u16
     }
 
     /// The device error that broke the queue, if any.
@@ -290,7 +291,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         }
         self.free_positions -= positions;
         // The chain is published once `published_seq` reaches its stamp.
-        let stamp = seq.wrapping_add(1);
+        let stamp = seq + 1;
         self.next_seq = stamp;
         let after = self.slots.next_free(id);
         self.slots.commit(id, id, after, positions, token, writable, stamp);

@@ -37,7 +37,7 @@ pub struct Slot<T> {
     writable: u32,
     /// The queue's publication counter once this chain is published (see
     /// [`SlotTable::complete`]), to tell published chains from pending ones.
-    stamp: u16,
+    stamp: u64,
 }
 
 impl<T> Slot<T> {
@@ -319,7 +319,7 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
     /// once the chain is published (see [`complete`](Self::complete)).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub fn commit(&mut self, head: u16, last: u16, after: u16, ring_descs: u16, token: T, writable: u32, stamp: u16) {
+    pub fn commit(&mut self, head: u16, last: u16, after: u16, ring_descs: u16, token: T, writable: u32, stamp: u64) {
         let ids = self.ids(ring_descs);
         self.free_head = after;
         self.num_free -= ids;
@@ -346,18 +346,19 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
     /// Completes chain `id` as the device reported it (any order; not for
     /// in-order mode, whose FIFO this does not update). `published` is the
     /// queue's publication counter: a chain is published iff the counter has
-    /// reached the chain's stamp. Stamps of chains in flight lie within the
-    /// `size <= 2^15` counter values before the counter's next value, so the
-    /// signed 16-bit distance tells the two apart without ambiguity.
+    /// reached the chain's stamp. Both count chains added over the queue's
+    /// life in 64 bits, which no queue exhausts, so a chain held by the device
+    /// for any number of later submissions still compares right (a 16- or
+    /// 32-bit counter wraps within minutes at millions of requests a second).
     #[inline(always)]
-    pub fn complete(&mut self, id: u32, len: u32, published: u16) -> Result<Completed<T>, DeviceError> {
+    pub fn complete(&mut self, id: u32, len: u32, published: u64) -> Result<Completed<T>, DeviceError> {
         if id >= u32::from(self.size) {
             return Err(DeviceError::UsedIdOutOfRange { id, queue_size: self.size });
         }
         let i = id as u16;
         let s = self.slot_mut(i);
         let writable = s.writable;
-        if (published.wrapping_sub(s.stamp) as i16) < 0 || len > writable {
+        if s.stamp > published || len > writable {
             return Err(Self::complete_error(s, id, len, published));
         }
         let Some(token) = s.token.take() else {
@@ -376,12 +377,12 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
 
     /// Ring descriptors of chain `id` if it is in flight and published
     /// (see [`complete`](Self::complete)); `None` for any other id.
-    pub fn published_ring_descs(&self, id: u32, published: u16) -> Option<u16> {
+    pub fn published_ring_descs(&self, id: u32, published: u64) -> Option<u16> {
         if id >= u32::from(self.size) {
             return None;
         }
         let s = self.slot(id as u16);
-        let published_chain = (published.wrapping_sub(s.stamp) as i16) >= 0;
+        let published_chain = s.stamp <= published;
         (published_chain && s.token.is_some()).then_some(s.ring_descs)
     }
 
@@ -404,8 +405,8 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
     /// chain) takes precedence over a bad length.
     #[cold]
     #[inline(never)]
-    fn complete_error(s: &Slot<T>, id: u32, len: u32, published: u16) -> DeviceError {
-        if (published.wrapping_sub(s.stamp) as i16) < 0 || s.token.is_none() {
+    fn complete_error(s: &Slot<T>, id: u32, len: u32, published: u64) -> DeviceError {
+        if s.stamp > published || s.token.is_none() {
             DeviceError::UsedIdNotInFlight { id }
         } else {
             DeviceError::UsedLenTooLarge { id, len, writable: s.writable }

@@ -93,13 +93,16 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// of their own so the per-request accesses need no area offset.
     avail: SharedMemory<'a>,
     used: SharedMemory<'a>,
-    /// Free-running index of the next available-ring entry to fill. Every
-    /// chain takes one entry, so `avail_idx - last_used` chains are in flight.
-    avail_idx: u16,
-    /// The value of `avail.idx` the device can see: `published_avail -
-    /// last_used` chains in flight are published. It is also the slots'
-    /// publication counter: a chain's stamp is `avail_idx` after its entry.
-    published_avail: u16,
+    /// Chains added, and chains published, over the queue's life. Every chain
+    /// takes one available-ring entry, so their low 16 bits are the next
+    /// `avail.idx` to fill and the `avail.idx` the device can see; `added -
+    /// last_used` chains are in flight, `published - last_used` of them
+    /// published. They are also the slots' publication counter: a chain's
+    /// stamp is `added` after its add, published once `published` reaches it
+    /// (64 bits, so a chain the device holds for any number of later
+    /// submissions still compares right).
+    added: u64,
+    published: u64,
     /// Free-running index of the next used element to read.
     last_used: u16,
     /// The last `used.idx` read (and checked); entries before it are ready.
@@ -152,8 +155,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             avail_event: layout.device_offset() + off::USED_RING + off::USED_ELEM_SIZE * n,
             avail,
             used,
-            avail_idx: 0,
-            published_avail: 0,
+            added: 0,
+            published: 0,
             last_used: 0,
             used_seen: 0,
             batch: InOrderBatch::default(),
@@ -188,13 +191,13 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
 
     /// Chains added and not yet completed.
     pub fn in_flight(&self) -> u16 {
-        self.avail_idx.wrapping_sub(self.last_used)
+        (self.added as u16).wrapping_sub(self.last_used)
     }
 
     /// Published chains not yet completed: what the device may return.
     #[inline(always)]
     fn published_in_flight(&self) -> u16 {
-        self.published_avail.wrapping_sub(self.last_used)
+        (self.published as u16).wrapping_sub(self.last_used)
     }
 
     /// The device error that broke the queue, if any.
@@ -255,7 +258,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
 
     /// Checks the chain, then writes it into free descriptors (or its slot's
     /// indirect table) and the next available-ring entry, and advances
-    /// `avail_idx`. Everything is checked before anything is written, though
+    /// counts it. Everything is checked before anything is written, though
     /// writing free descriptors and an entry beyond `avail.idx` would be
     /// invisible to a correct device anyway.
     #[inline(always)]
@@ -325,17 +328,16 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     }
 
     /// Puts chain `head` (last descriptor `last`) into the next available-ring
-    /// entry, invisible until `publish`, advances `avail_idx` and commits the
-    /// chain's slots. The chain is published once `published_avail` reaches
-    /// the index after its entry, the new `avail_idx`: that is its stamp.
+    /// entry, invisible until `publish`, counts it in `added` and commits the
+    /// chain's slots. The chain is published once `published` reaches the new
+    /// `added`: that is its stamp.
     #[inline(always)]
     fn push_avail(&mut self, head: u16, last: u16, ring_descs: u16, writable: u32, token: T) {
-        let avail_idx = self.avail_idx;
-        let slot = (avail_idx & self.mask) as usize;
+        let slot = (self.added as u16 & self.mask) as usize;
         // SAFETY: `slot < size`, inside the available ring.
         unsafe { self.avail.write_u16(off::AVAIL_RING + 2 * slot, head) };
-        let stamp = avail_idx.wrapping_add(1);
-        self.avail_idx = stamp;
+        let stamp = self.added + 1;
+        self.added = stamp;
         let after = self.slots.next_free(last);
         self.slots.commit(head, last, after, ring_descs, token, writable, stamp);
     }
@@ -347,16 +349,16 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     #[inline]
     pub fn publish(&mut self) -> Result<bool, Error> {
         self.check_broken()?;
-        let new = self.avail_idx;
-        let old = self.published_avail;
-        if new == old {
+        if self.added == self.published {
             return Ok(false);
         }
+        let new = self.added as u16;
+        let old = self.published as u16;
         // Release: descriptors and ring entries written before are visible
         // to a device that acquires this index.
         // SAFETY: the avail header is inside the checked layout.
         unsafe { self.ring.store_u16(self.layout.driver_offset() + off::AVAIL_IDX, new, Ordering::Release) };
-        self.published_avail = new;
+        self.published = self.added;
         fence_store_before_load();
         if self.event_idx {
             // SAFETY: `avail_event` is inside the used area of the checked layout.
@@ -408,7 +410,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             self.used_seen = used_idx;
         }
         let (id, len) = self.used_elem(last_used);
-        match self.slots.complete(id, len, self.published_avail) {
+        match self.slots.complete(id, len, self.published) {
             Ok(done) => {
                 self.last_used = last_used.wrapping_add(1);
                 Ok(Some(Used { token: done.token, len }))
@@ -523,8 +525,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         if let Some(r) = self.ring.slice(0, self.layout.size()) {
             r.zero();
         }
-        self.avail_idx = 0;
-        self.published_avail = 0;
+        self.added = 0;
+        self.published = 0;
         self.last_used = 0;
         self.used_seen = 0;
         self.batch = InOrderBatch::default();
