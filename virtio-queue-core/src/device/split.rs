@@ -479,6 +479,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "70000 rounds take many minutes under Miri; the same code runs in every other test")]
     fn indices_wrap_at_16_bits() {
         let layout = RingLayout::split(2).unwrap();
         let l = lines_for(&layout);
