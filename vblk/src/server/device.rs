@@ -1,0 +1,517 @@
+//! The virtio-blk device model: features, config space, request validation and execution, and
+//! the `vhost-user-backend` glue that runs one worker thread per queue.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::warn;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use super::disk::{Disk, SECTOR_SIZE};
+
+// Feature bits (virtio 1.2, 5.2.3 and 6).
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_RING_INDIRECT_DESC: u64 = 1 << 28;
+const F_RING_EVENT_IDX: u64 = 1 << 29;
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const F_VERSION_1: u64 = 1 << 32;
+
+// Request types.
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+// Status values.
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// Request header size: type, ioprio, sector.
+const HEADER_LEN: u64 = 16;
+/// Size of one discard / write-zeroes segment: sector, num_sectors, flags.
+const SEGMENT_LEN: u64 = 16;
+/// Length of the GET_ID answer.
+pub(crate) const ID_LEN: usize = 20;
+
+/// Limits advertised in the config space.
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+const MAX_DISCARD_SEG: u32 = 32;
+const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 22;
+const MAX_WRITE_ZEROES_SEG: u32 = 32;
+/// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
+const CONFIG_LEN: usize = 60;
+/// Largest config read accepted (the front-end may ask for a newer, longer structure).
+const CONFIG_SPACE_MAX: usize = 256;
+
+/// Device parameters fixed for the lifetime of a server.
+#[derive(Debug)]
+pub(crate) struct Device {
+    pub(crate) disk: Disk,
+    pub(crate) queues: u16,
+    pub(crate) queue_size: u16,
+    pub(crate) read_only: bool,
+    pub(crate) id: [u8; ID_LEN],
+}
+
+impl Device {
+    /// Data segments allowed in one request (`seg_max`).
+    pub(crate) fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
+    /// Virtio feature bits offered to the front-end.
+    pub(crate) fn features(&self) -> u64 {
+        let mut f = F_VERSION_1
+            | F_RING_INDIRECT_DESC
+            | F_RING_EVENT_IDX
+            | F_PROTOCOL_FEATURES
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH
+            | F_MQ;
+        if self.read_only {
+            f |= F_RO;
+        } else {
+            f |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    /// The `virtio_blk_config` structure, little-endian.
+    pub(crate) fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0, &self.disk.sectors().to_le_bytes());
+        put(12, &self.seg_max().to_le_bytes());
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+        put(34, &self.queues.to_le_bytes());
+        if !self.read_only {
+            put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+            put(40, &MAX_DISCARD_SEG.to_le_bytes());
+            put(44, &1u32.to_le_bytes());
+            put(48, &MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+            put(52, &MAX_WRITE_ZEROES_SEG.to_le_bytes());
+            put(56, &[1u8]);
+        }
+        c
+    }
+}
+
+/// One descriptor of a chain, copied out of guest memory.
+#[derive(Clone, Copy, Debug)]
+struct Desc {
+    addr: GuestAddress,
+    len: u32,
+    write: bool,
+}
+
+/// Why a request failed, mapped to its status byte.
+enum Fail {
+    IoErr,
+    Unsupp,
+}
+
+impl From<Fail> for u8 {
+    fn from(f: Fail) -> u8 {
+        match f {
+            Fail::IoErr => S_IOERR,
+            Fail::Unsupp => S_UNSUPP,
+        }
+    }
+}
+
+type GM = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// State of one front-end connection.
+struct Connection {
+    mem: GM,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    /// Per-worker descriptor scratch space, reused across requests.
+    scratch: Vec<Mutex<Vec<Desc>>>,
+}
+
+/// The `VhostUserBackend` for one connection; cloned into every worker thread.
+#[derive(Clone)]
+pub(crate) struct BlkBackend {
+    dev: Arc<Device>,
+    conn: Arc<Connection>,
+}
+
+impl BlkBackend {
+    pub(crate) fn new(dev: Arc<Device>, mem: GM) -> Self {
+        let max = dev.seg_max() as usize + 2;
+        let scratch = (0..dev.queues).map(|_| Mutex::new(Vec::with_capacity(max))).collect();
+        BlkBackend {
+            dev,
+            conn: Arc::new(Connection { mem, acked: AtomicU64::new(0), event_idx: AtomicBool::new(false), scratch }),
+        }
+    }
+
+    fn acked(&self, feature: u64) -> bool {
+        self.conn.acked.load(Ordering::Relaxed) & feature != 0
+    }
+
+    /// Pops and completes every available chain of one queue, with EVENT_IDX-aware
+    /// notification suppression.
+    fn process_queue(&self, vring: &VringMutex, descs: &mut Vec<Desc>) -> io::Result<()> {
+        let mut state = vring.get_mut();
+        let guard = self.conn.mem.memory();
+        let mem: &GuestMemoryMmap = &guard;
+        let event_idx = self.conn.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                state.disable_notification().map_err(io::Error::other)?;
+            }
+            let mut completed = false;
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let used = self.handle_chain(mem, chain, descs);
+                state.add_used(head, used).map_err(io::Error::other)?;
+                completed = true;
+            }
+            if completed && state.needs_notification().map_err(io::Error::other)? {
+                state.signal_used_queue()?;
+            }
+            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Validates and executes one request; returns the bytes written to its writable buffers.
+    /// Guest input never panics here: every failure becomes a status byte, or, if there is no
+    /// writable status byte to carry it, a used length of 0.
+    fn handle_chain(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        descs: &mut Vec<Desc>,
+    ) -> u32 {
+        let max = self.dev.seg_max() as usize + 2;
+        descs.clear();
+        let mut too_long = false;
+        let mut misordered = false;
+        let mut seen_write = false;
+        for d in chain {
+            if descs.len() == max {
+                too_long = true;
+                break;
+            }
+            if d.is_write_only() {
+                seen_write = true;
+            } else if seen_write {
+                misordered = true;
+            }
+            descs.push(Desc { addr: d.addr(), len: d.len(), write: d.is_write_only() });
+        }
+        let status_addr = match descs.last() {
+            Some(last) if last.write && last.len >= 1 && !too_long => {
+                last.addr.0.checked_add(u64::from(last.len) - 1).map(GuestAddress)
+            }
+            _ => None,
+        };
+        let Some(status_addr) = status_addr else {
+            warn!("request without a writable status byte (or too many descriptors): dropped");
+            return 0;
+        };
+        let (status, written) = if misordered {
+            (S_IOERR, 0)
+        } else {
+            match self.execute(mem, descs) {
+                Ok(written) => (S_OK, written),
+                Err(f) => (f.into(), 0),
+            }
+        };
+        if mem.write_obj(status, status_addr).is_err() {
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    fn execute(&self, mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<u32, Fail> {
+        let split = descs.iter().position(|d| d.write).unwrap_or(descs.len());
+        let (rd, wr) = descs.split_at(split);
+        let rd_len: u64 = rd.iter().map(|d| u64::from(d.len)).sum();
+        // The status byte is the last writable byte; what precedes it is the data-in area.
+        let wr_len: u64 = wr.iter().map(|d| u64::from(d.len)).sum::<u64>() - 1;
+        if rd_len < HEADER_LEN {
+            return Err(Fail::IoErr);
+        }
+        let mut hdr = [0u8; HEADER_LEN as usize];
+        gather(mem, rd, 0, &mut hdr).map_err(|_| Fail::IoErr)?;
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = hdr;
+        let kind = u32::from_le_bytes([t0, t1, t2, t3]);
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let out_len = rd_len - HEADER_LEN;
+        let disk = &self.dev.disk;
+        match kind {
+            T_IN => {
+                if out_len != 0 || wr_len % SECTOR_SIZE != 0 || !disk.in_range(sector, wr_len / SECTOR_SIZE) {
+                    return Err(Fail::IoErr);
+                }
+                let mut offset = sector * SECTOR_SIZE;
+                for_each_segment(wr, 0, wr_len, |addr, len| {
+                    disk.read_to_guest(mem, addr, len, offset)?;
+                    offset += len as u64;
+                    Ok(())
+                })
+                .map_err(|e| io_fail("read", e))?;
+                u32::try_from(wr_len).map_err(|_| Fail::IoErr)
+            }
+            T_OUT => {
+                if self.dev.read_only
+                    || wr_len != 0
+                    || out_len % SECTOR_SIZE != 0
+                    || !disk.in_range(sector, out_len / SECTOR_SIZE)
+                {
+                    return Err(Fail::IoErr);
+                }
+                let mut offset = sector * SECTOR_SIZE;
+                for_each_segment(rd, HEADER_LEN, out_len, |addr, len| {
+                    disk.write_from_guest(mem, addr, len, offset)?;
+                    offset += len as u64;
+                    Ok(())
+                })
+                .map_err(|e| io_fail("write", e))?;
+                Ok(0)
+            }
+            T_FLUSH => {
+                if !self.acked(F_FLUSH) {
+                    return Err(Fail::Unsupp);
+                }
+                disk.flush().map_err(|e| io_fail("flush", e))?;
+                Ok(0)
+            }
+            T_GET_ID => {
+                if out_len != 0 {
+                    return Err(Fail::IoErr);
+                }
+                let n = wr_len.min(ID_LEN as u64);
+                let mut src = &self.dev.id[..n as usize];
+                for_each_segment(wr, 0, n, |addr, len| {
+                    let (now, rest) = src.split_at_checked(len).ok_or_else(|| io::Error::other("id overrun"))?;
+                    mem.write_slice(now, addr).map_err(io::Error::other)?;
+                    src = rest;
+                    Ok(())
+                })
+                .map_err(|_| Fail::IoErr)?;
+                Ok(n as u32)
+            }
+            T_DISCARD | T_WRITE_ZEROES => {
+                let discard = kind == T_DISCARD;
+                let (feature, max_seg, max_sectors) = if discard {
+                    (F_DISCARD, MAX_DISCARD_SEG, MAX_DISCARD_SECTORS)
+                } else {
+                    (F_WRITE_ZEROES, MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS)
+                };
+                if !self.acked(feature) {
+                    return Err(Fail::Unsupp);
+                }
+                if self.dev.read_only || wr_len != 0 || out_len == 0 || out_len % SEGMENT_LEN != 0 {
+                    return Err(Fail::IoErr);
+                }
+                let count = out_len / SEGMENT_LEN;
+                if count > u64::from(max_seg) {
+                    return Err(Fail::IoErr);
+                }
+                // Validate every segment before touching the disk.
+                for i in 0..count {
+                    let (start, num, flags) = segment(mem, rd, i)?;
+                    let allowed = if discard { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
+                    if flags & !allowed != 0 {
+                        return Err(Fail::Unsupp);
+                    }
+                    if num > max_sectors || !disk.in_range(start, u64::from(num)) {
+                        return Err(Fail::IoErr);
+                    }
+                }
+                for i in 0..count {
+                    let (start, num, flags) = segment(mem, rd, i)?;
+                    let (off, len) = (start * SECTOR_SIZE, u64::from(num) * SECTOR_SIZE);
+                    if discard {
+                        // Discard is a hint: storage that cannot punch holes keeps the data.
+                        let _ = disk.punch_hole(off, len);
+                    } else {
+                        disk.write_zeroes(off, len, flags & WRITE_ZEROES_FLAG_UNMAP != 0)
+                            .map_err(|e| io_fail("write-zeroes", e))?;
+                    }
+                }
+                Ok(0)
+            }
+            _ => Err(Fail::Unsupp),
+        }
+    }
+}
+
+fn io_fail(what: &str, e: io::Error) -> Fail {
+    warn!("{what} failed: {e}");
+    Fail::IoErr
+}
+
+/// Reads discard / write-zeroes segment `i` from the readable buffers.
+fn segment(mem: &GuestMemoryMmap, rd: &[Desc], i: u64) -> Result<(u64, u32, u32), Fail> {
+    let mut b = [0u8; SEGMENT_LEN as usize];
+    gather(mem, rd, HEADER_LEN + i * SEGMENT_LEN, &mut b).map_err(|_| Fail::IoErr)?;
+    let [s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3] = b;
+    Ok((
+        u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+        u32::from_le_bytes([n0, n1, n2, n3]),
+        u32::from_le_bytes([f0, f1, f2, f3]),
+    ))
+}
+
+/// Copies `buf.len()` bytes starting `skip` bytes into the buffers `descs`.
+fn gather(mem: &GuestMemoryMmap, descs: &[Desc], skip: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0usize;
+    for_each_segment(descs, skip, buf.len() as u64, |addr, len| {
+        let dst = buf.get_mut(filled..filled + len).ok_or_else(|| io::Error::other("segment overrun"))?;
+        mem.read_slice(dst, addr).map_err(io::Error::other)?;
+        filled += len;
+        Ok(())
+    })
+}
+
+/// Calls `f(address, length)` for each piece of the byte range `skip .. skip + len` of the
+/// concatenated buffers `descs`. Fails if the buffers are shorter or an address overflows.
+fn for_each_segment(
+    descs: &[Desc],
+    mut skip: u64,
+    len: u64,
+    mut f: impl FnMut(GuestAddress, usize) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut left = len;
+    for d in descs {
+        if left == 0 {
+            break;
+        }
+        let dlen = u64::from(d.len);
+        if skip >= dlen {
+            skip -= dlen;
+            continue;
+        }
+        let n = (dlen - skip).min(left);
+        let addr = d.addr.0.checked_add(skip).ok_or_else(|| io::Error::other("address overflow"))?;
+        f(GuestAddress(addr), n as usize)?;
+        left -= n;
+        skip = 0;
+    }
+    if left != 0 {
+        return Err(io::Error::other("buffers shorter than the request"));
+    }
+    Ok(())
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringMutex;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.dev.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.dev.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.conn.acked.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        self.conn.acked.store(0, Ordering::Relaxed);
+        self.conn.event_idx.store(false, Ordering::Relaxed);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.conn.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let (offset, size) = (offset as usize, size as usize);
+        if offset.saturating_add(size) > CONFIG_SPACE_MAX {
+            return Vec::new();
+        }
+        let config = self.dev.config();
+        let mut out = vec![0u8; size];
+        if let Some(src) = config.get(offset..) {
+            let n = src.len().min(size);
+            out[..n].copy_from_slice(&src[..n]);
+        }
+        out
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::PermissionDenied, "virtio-blk config space is read-only"))
+    }
+
+    fn update_memory(&self, _mem: GM) -> io::Result<()> {
+        // `self.conn.mem` is the same atomic handle the vhost-user handler updates.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.dev.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringMutex],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Each worker owns exactly one queue; `device_event` indexes this worker's vrings.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        let Some(scratch) = self.conn.scratch.get(thread_id) else {
+            return Ok(());
+        };
+        let mut descs = scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = self.process_queue(vring, &mut descs) {
+            // A queue the driver broke (bad ring addresses) stops; the worker stays alive.
+            warn!("queue {thread_id}: {e}");
+        }
+        Ok(())
+    }
+}
