@@ -324,6 +324,7 @@ mod imp {
 
         /// Reads a 64-bit data field.
         #[inline(always)]
+        #[cfg_attr(not(feature = "device-model"), allow(dead_code))]
         pub(crate) unsafe fn read_u64(&self, off: usize) -> u64 {
             #[cfg(target_has_atomic = "64")]
             {

@@ -100,6 +100,8 @@ pub struct IndirectTables<'a> {
     mem: SharedMemory<'a>,
     iova: u64,
     entries: u16,
+    /// Bytes of one table: `entries × 16`.
+    stride: usize,
 }
 
 impl<'a> IndirectTables<'a> {
@@ -113,7 +115,7 @@ impl<'a> IndirectTables<'a> {
         if entries == 0 {
             return Err(LayoutError::IndirectTablesTooSmall);
         }
-        Ok(IndirectTables { mem, iova, entries })
+        Ok(IndirectTables { mem, iova, entries, stride: entries as usize * 16 })
     }
 
     /// Bytes of memory tables of `entries` descriptors need for a queue of
@@ -125,7 +127,7 @@ impl<'a> IndirectTables<'a> {
     /// No tables: `entries` 0, so no chain ever fits one. Queues keep this
     /// instead of an `Option` so the fast path needs one comparison.
     pub(crate) fn none() -> Self {
-        IndirectTables { mem: SharedMemory::new(&[]), iova: 0, entries: 0 }
+        IndirectTables { mem: SharedMemory::new(&[]), iova: 0, entries: 0, stride: 0 }
     }
 
     /// Descriptors per table.
@@ -146,7 +148,7 @@ impl<'a> IndirectTables<'a> {
     /// its memory offset and device address.
     #[inline(always)]
     pub(crate) fn table(&self, slot: u16) -> (usize, u64) {
-        let off = slot as usize * self.entries as usize * 16;
+        let off = slot as usize * self.stride;
         (off, self.iova + off as u64)
     }
 
