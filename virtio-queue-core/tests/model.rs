@@ -64,16 +64,21 @@ struct Config {
     in_order: bool,
 }
 
+/// Longest random sequence.
+const MAX_OPS: usize = 120;
+/// Largest split queue size (log2, exclusive) and packed queue size (exclusive).
+const MAX_SPLIT_LOG: u32 = 7;
+const MAX_PACKED: u16 = 40;
+
 fn config() -> impl Strategy<Value = Config> {
-    (any::<bool>(), 0u32..7, 1u16..40, any::<bool>(), prop::option::of(2u16..6), any::<bool>()).prop_map(
-        |(packed, log, psize, event_idx, indirect, in_order)| Config {
+    (any::<bool>(), 0u32..MAX_SPLIT_LOG, 1u16..MAX_PACKED, any::<bool>(), prop::option::of(2u16..6), any::<bool>())
+        .prop_map(|(packed, log, psize, event_idx, indirect, in_order)| Config {
             format: if packed { RingFormat::Packed } else { RingFormat::Split },
             size: if packed { psize } else { 1 << log },
             event_idx,
             indirect,
             in_order,
-        },
-    )
+        })
 }
 
 enum Dev<'a> {
@@ -334,13 +339,14 @@ fn drain_ops(size: u16) -> impl Iterator<Item = Op> {
 }
 
 proptest! {
-    // 512 cases unless PROPTEST_CASES says otherwise (Miri runs few).
+    // 512 cases unless PROPTEST_CASES says otherwise.
     #![proptest_config(ProptestConfig::with_cases(
         std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
     ))]
 
     #[test]
-    fn random_operations_match_the_model(cfg in config(), ops in prop::collection::vec(op(), 0..120)) {
+    #[cfg_attr(miri, ignore = "a single random case can take minutes under Miri; every_feature_combination runs the same code deterministically there")]
+    fn random_operations_match_the_model(cfg in config(), ops in prop::collection::vec(op(), 0..MAX_OPS)) {
         run(cfg, &ops);
     }
 }
