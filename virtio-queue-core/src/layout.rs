@@ -339,6 +339,16 @@ impl RingLayout {
         self.total
     }
 
+    /// Device addresses of the three areas of a ring area at device address
+    /// `base`, for the transport to program into the device.
+    pub const fn addresses(&self, base: u64) -> crate::QueueAddresses {
+        crate::QueueAddresses {
+            desc: base,
+            driver: base + self.driver_offset as u64,
+            device: base + self.device_offset as u64,
+        }
+    }
+
     /// Number of [`SharedLine`]s that hold the ring area.
     pub const fn lines(&self) -> usize {
         self.total / SharedLine::BYTES

@@ -124,11 +124,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// Device addresses of the descriptor ring and the driver and device
     /// event suppression structures.
     pub fn addresses(&self) -> QueueAddresses {
-        QueueAddresses {
-            desc: self.iova,
-            driver: self.iova + self.layout.driver_offset() as u64,
-            device: self.iova + self.layout.device_offset() as u64,
-        }
+        self.layout.addresses(self.iova)
     }
 
     /// Entries in the queue.

@@ -172,11 +172,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
 
     /// Device addresses of the descriptor table, available ring and used ring.
     pub fn addresses(&self) -> QueueAddresses {
-        QueueAddresses {
-            desc: self.iova,
-            driver: self.iova + self.layout.driver_offset() as u64,
-            device: self.iova + self.layout.device_offset() as u64,
-        }
+        self.layout.addresses(self.iova)
     }
 
     /// Entries in the queue.
