@@ -57,10 +57,11 @@ impl Default for BlkOptions {
 /// A virtio-blk device on transport `T`, with its queues set up and
 /// DRIVER_OK set. Hand each [`BlkQueue`] to its own thread.
 pub struct BlkDevice<T: Transport> {
+    // Queues not taken are dropped before the transport.
+    queues: Vec<Option<BlkQueue<T>>>,
     transport: T,
     features: u64,
     config: BlkConfig,
-    queues: Vec<Option<BlkQueue<T>>>,
 }
 
 impl<T: Transport> std::fmt::Debug for BlkDevice<T> {

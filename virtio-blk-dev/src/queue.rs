@@ -161,6 +161,9 @@ pub struct BlkQueue<T: Transport> {
     event: CompletionEvent,
     unpublished: bool,
     dead: Option<(&'static str, String)>,
+    /// The device broke the ring protocol: the queue stays unusable (the
+    /// core queue was reset to hand back the requests in flight).
+    broken: Option<virtio_queue_core::Error>,
     index: u16,
     mem: DmaRegion,
 }
@@ -251,6 +254,7 @@ impl<T: Transport> BlkQueue<T> {
             event,
             unpublished: false,
             dead: None,
+            broken: None,
             index,
             mem,
         })
@@ -345,6 +349,9 @@ impl<T: Transport> BlkQueue<T> {
                 Step::Queue(self.index),
                 Cause::Disconnected(msg.clone()),
             )));
+        }
+        if let Some(e) = self.broken {
+            return Err(BlkError::Queue(e));
         }
         if let Some(e) = self.vq.broken() {
             return Err(BlkError::Queue(virtio_queue_core::Error::Broken(e)));
@@ -635,10 +642,10 @@ impl<T: Transport> BlkQueue<T> {
     /// Completes every request in flight with (a copy of) `err`, forgetting
     /// the ring: after a broken ring or a dead transport.
     fn fail_all(&mut self, err: &BlkError) {
-        if let BlkError::Transport(e) = err {
-            if self.dead.is_none() {
-                self.dead = Some((e.transport(), e.to_string()));
-            }
+        match err {
+            BlkError::Transport(e) if self.dead.is_none() => self.dead = Some((e.transport(), e.to_string())),
+            BlkError::Queue(e) if self.broken.is_none() => self.broken = Some(*e),
+            _ => {}
         }
         let mut ids = Vec::new();
         self.vq.reset(|id| ids.push(id));

@@ -61,6 +61,8 @@ struct Fake {
     disk: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// Split rings: answer GET_ID with a used id that was never in flight.
+    hostile_get_id: bool,
 }
 
 impl Fake {
@@ -91,6 +93,7 @@ impl Fake {
             disk: Arc::new(Mutex::new(vec![0u8; (SECTORS * 512) as usize])),
             stop: Arc::default(),
             threads: Vec::new(),
+            hostile_get_id: false,
         }
     }
 }
@@ -104,8 +107,14 @@ impl Drop for Fake {
     }
 }
 
-/// Serves one request; returns the used length.
-fn serve(regions: &Regions, disk: &Mutex<Vec<u8>>, chain: &AvailChain) -> u32 {
+/// Serves one request; returns the used length and the request type.
+fn serve(regions: &Regions, disk: &Mutex<Vec<u8>>, chain: &AvailChain) -> (u32, u32) {
+    let mut hdr = [0u8; 4];
+    read(regions, chain.descriptors()[0].addr, &mut hdr);
+    (serve_one(regions, disk, chain), u32::from_le_bytes(hdr))
+}
+
+fn serve_one(regions: &Regions, disk: &Mutex<Vec<u8>>, chain: &AvailChain) -> u32 {
     let d = chain.descriptors();
     let mut hdr = [0u8; 16];
     read(regions, d[0].addr, &mut hdr);
@@ -225,6 +234,7 @@ impl Transport for Fake {
         let kicked = CompletionEvent::new("model", index, kick.try_clone().unwrap(), None);
         let signal = call.try_clone().unwrap();
         let (regions, disk, stop) = (self.regions.clone(), self.disk.clone(), self.stop.clone());
+        let hostile = self.hostile_get_id;
         self.threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 loop {
@@ -238,8 +248,9 @@ impl Transport for Fake {
                             Model::Packed(m) => m.pop_avail(),
                         };
                         let Some(chain) = chain.expect("the driver follows the ring protocol") else { break };
-                        let len = serve(&regions, &disk, &chain);
+                        let (len, ty) = serve(&regions, &disk, &chain);
                         match &mut model {
+                            Model::Split(m) if hostile && ty == 8 => m.push_used(u32::from(chain.id) + 1000, len),
                             Model::Split(m) => m.push_used(u32::from(chain.id), len),
                             Model::Packed(m) => m.push_used(&chain, len),
                         }
@@ -435,4 +446,28 @@ fn device_status_bytes_become_typed_errors() {
         // The queue still works afterwards.
         q.read_at(0, &mut buf).unwrap();
     }
+}
+
+#[test]
+fn a_device_breaking_the_ring_fails_every_request_and_later_ones() {
+    let mut fake = Fake::new(all_blk(), all_ring(), 1);
+    fake.hostile_get_id = true;
+    let mut dev = BlkDevice::open(fake, BlkOptions { packed: false, in_order: false, ..Default::default() }).unwrap();
+    let bufs = dev.alloc_bufs(4096, 4).unwrap();
+    let mut q = dev.take_queue(0).unwrap();
+    q.submit_get_id(100).unwrap();
+    for (i, b) in bufs.into_iter().enumerate() {
+        q.submit_read(i as u64 * 4096, b, i as u64).unwrap();
+    }
+    let mut n = 0;
+    while let Some(c) = q.wait(Some(Duration::from_secs(5))) {
+        n += 1;
+        if let Err(e) = c.result {
+            assert!(matches!(e, BlkError::Queue(virtio_queue_core::Error::Broken(_))), "{e}");
+        }
+    }
+    assert_eq!(n, 5, "every request completed");
+    let mut buf = [0u8; 4096];
+    assert!(matches!(q.read_at(0, &mut buf), Err(BlkError::Queue(virtio_queue_core::Error::Broken(_)))));
+    assert!(matches!(q.get_id(), Err(BlkError::Queue(_))));
 }
