@@ -36,6 +36,11 @@ pub struct BlkOptions {
     /// Bytes of the per-queue bounce buffer of [`BlkQueue::read_at`] and
     /// [`BlkQueue::write_at`] (larger transfers are split).
     pub bounce_size: usize,
+    /// How long the blocking calls ([`BlkQueue::read_at`], [`BlkQueue::write_at`],
+    /// [`BlkQueue::flush`], [`BlkQueue::get_id`]) wait for their request.
+    /// A device that does not complete it in time is treated as gone: every
+    /// request in flight fails and the queue refuses new ones. `None`: no limit.
+    pub io_timeout: Option<std::time::Duration>,
 }
 
 impl Default for BlkOptions {
@@ -50,6 +55,7 @@ impl Default for BlkOptions {
             refuse: BlkFeatures::empty(),
             max_segments: 64,
             bounce_size: 128 * 1024,
+            io_timeout: Some(std::time::Duration::from_secs(30)),
         }
     }
 }

@@ -164,6 +164,8 @@ pub struct BlkQueue<T: Transport> {
     /// The device broke the ring protocol: the queue stays unusable (the
     /// core queue was reset to hand back the requests in flight).
     broken: Option<virtio_queue_core::Error>,
+    io_timeout: Option<Duration>,
+    name: &'static str,
     index: u16,
     mem: DmaRegion,
 }
@@ -255,6 +257,8 @@ impl<T: Transport> BlkQueue<T> {
             unpublished: false,
             dead: None,
             broken: None,
+            io_timeout: options.io_timeout,
+            name,
             index,
             mem,
         })
@@ -737,6 +741,7 @@ impl<T: Transport> BlkQueue<T> {
 
     /// Waits for the internal (bounce-buffer) request, keeping others for `poll`.
     fn wait_internal(&mut self) -> Result<()> {
+        let deadline = self.io_timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(pos) = self.ready.iter().position(|c| c.internal) {
                 if let Some(c) = self.ready.remove(pos) {
@@ -759,8 +764,18 @@ impl<T: Transport> BlkQueue<T> {
                     continue;
                 }
             }
-            if let Err(e) = self.event.wait(None) {
-                self.fail_all(&BlkError::Transport(e));
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            match self.event.wait(left) {
+                Ok(Wait::Signalled(_)) => {}
+                Ok(Wait::TimedOut) => {
+                    // The ring was re-checked after the notification was
+                    // requested; nothing came before the deadline.
+                    let why = format!("no completion within {:?}", self.io_timeout.unwrap_or_default());
+                    let e = Error::new(self.name, Step::Wait, Cause::Disconnected(why))
+                        .with_context(format!("queue {}", self.index));
+                    self.fail_all(&BlkError::Transport(e));
+                }
+                Err(e) => self.fail_all(&BlkError::Transport(e)),
             }
         }
     }

@@ -48,3 +48,30 @@ fn killed_with_requests_in_flight() {
     let mut dev = open(&s.sock, BlkOptions::default());
     in_flight_when_backend_dies(&mut dev, move || d.kill());
 }
+
+#[test]
+fn a_stopped_daemon_fails_blocking_calls_after_the_io_timeout() {
+    let s = Scratch::new();
+    let d = Qsd::start(&s, 1, true);
+    let options = BlkOptions { io_timeout: Some(std::time::Duration::from_millis(300)), ..Default::default() };
+    let mut dev = open(&s.sock, options);
+    let mut q = dev.take_queue(0).unwrap();
+    let mut buf = vec![0u8; 4096];
+    q.read_at(0, &mut buf).unwrap();
+    // SIGSTOP: the socket stays open but nothing is served.
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { kill(d.child.id() as i32, 19) }, 0);
+    let start = std::time::Instant::now();
+    let e = q.read_at(0, &mut buf).unwrap_err();
+    assert!(matches!(&e, virtio_blk_dev::BlkError::Transport(t) if t.is_disconnected()), "{e}");
+    assert!(e.to_string().contains("no completion within"), "{e}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(3), "took {:?}", start.elapsed());
+    // Later calls fail fast.
+    assert!(q.write_at(0, &buf).is_err());
+    // SAFETY: as above; SIGCONT so the kill on drop is delivered promptly.
+    unsafe { kill(d.child.id() as i32, 18) };
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
