@@ -108,3 +108,12 @@ fn server_shutdown_with_requests_in_flight() {
     let mut dev = open(&s.sock, BlkOptions::default());
     in_flight_when_backend_dies(&mut dev, move || srv.shutdown());
 }
+
+#[test]
+fn four_queues_from_four_threads() {
+    let s = Scratch::new();
+    let options = ServerOptions { storage: Storage::Ram { size: IMAGE_BYTES }, queues: 4, ..Default::default() };
+    let _srv = start(&s, options);
+    let mut dev = open(&s.sock, BlkOptions { num_queues: 4, ..Default::default() });
+    queues_on_threads(&mut dev, 4);
+}

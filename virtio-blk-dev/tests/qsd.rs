@@ -75,3 +75,11 @@ fn a_stopped_daemon_fails_blocking_calls_after_the_io_timeout() {
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
+
+#[test]
+fn four_queues_from_four_threads() {
+    let s = Scratch::new();
+    let _d = Qsd::start(&s, 4, true);
+    let mut dev = open(&s.sock, BlkOptions { num_queues: 4, ..Default::default() });
+    queues_on_threads(&mut dev, 4);
+}
