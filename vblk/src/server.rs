@@ -32,9 +32,10 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use device::{BlkBackend, Device, ID_LEN};
+use device::{BlkBackend, Device};
 use disk::Disk;
 pub use disk::SECTOR_SIZE;
+use virtio_blk_dev::spec::ID_LEN;
 
 /// Default size of RAM storage: 1 GiB, sparse (untouched pages cost nothing).
 pub const DEFAULT_RAM_SIZE: u64 = 1 << 30;

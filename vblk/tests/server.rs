@@ -13,7 +13,10 @@ use vblk::server::{Server, ServerHandle, ServerOptions, Storage};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_blk_dev::spec::{S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
+use virtio_blk_dev::BlkFeatures;
 use virtio_queue_core::{Buffer, QueueConfig, RingFeatures, SharedMemory, Slot, SplitQueue};
+use virtio_transport_api::VirtioFeatures;
 use vmm_sys_util::eventfd::EventFd;
 
 const QUEUE_SIZE: u16 = 128;
@@ -22,24 +25,15 @@ const MEM_SIZE: usize = 8 << 20;
 const QUEUE_AREA: usize = 1 << 20;
 const RING_AREA: usize = 64 << 10;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-
-const F_RO: u64 = 1 << 5;
-const F_FLUSH: u64 = 1 << 9;
-const F_MQ: u64 = 1 << 12;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
-const F_EVENT_IDX: u64 = 1 << 29;
+const F_RO: u64 = BlkFeatures::RO.bits();
+const F_FLUSH: u64 = BlkFeatures::FLUSH.bits();
+const F_MQ: u64 = BlkFeatures::MQ.bits();
+const F_DISCARD: u64 = BlkFeatures::DISCARD.bits();
+const F_WRITE_ZEROES: u64 = BlkFeatures::WRITE_ZEROES.bits();
+const F_EVENT_IDX: u64 = VirtioFeatures::EVENT_IDX.bits();
+/// VHOST_USER_F_PROTOCOL_FEATURES.
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const F_VERSION_1: u64 = 1 << 32;
+const F_VERSION_1: u64 = VirtioFeatures::VERSION_1.bits();
 
 /// memfd memory mapped shared, registered with the back-end at guest address = process address.
 struct Memory {

@@ -39,12 +39,14 @@ mod config;
 mod device;
 mod error;
 mod queue;
+pub mod spec;
 
 pub use buf::DmaBuf;
 pub use config::{BlkConfig, BlkFeatures, Topology};
 pub use device::{BlkDevice, BlkOptions, VIRTIO_ID_BLOCK};
 pub use error::{BlkError, DeviceStatus, Result};
-pub use queue::{BlkQueue, Bufs, Completion, Rejected, RequestKind, ID_LEN};
+pub use queue::{BlkQueue, Bufs, Completion, Rejected, RequestKind};
+pub use spec::ID_LEN;
 
 #[cfg(test)]
 mod tests {

@@ -14,25 +14,13 @@ use crate::buf::DmaBuf;
 use crate::config::BlkFeatures;
 use crate::device::BlkOptions;
 use crate::error::{BlkError, DeviceStatus, Result};
+use crate::spec::{
+    header, segment as seg_bytes, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN,
+    T_OUT, T_SECURE_ERASE, T_WRITE_ZEROES, WRITE_ZEROES_FLAG_UNMAP,
+};
 
-/// Request types (virtio 1.2 §5.2.6).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const T_SECURE_ERASE: u32 = 14;
-
-/// Status values.
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
 /// Preset into every status byte before submission: no device returns it.
 const S_PRESET: u8 = 0xff;
-
-/// Bytes of a device ID (GET_ID).
-pub const ID_LEN: usize = 20;
 
 /// Per-request area in device-visible memory: header, discard/write-zeroes
 /// segment, status byte, ID buffer.
@@ -42,7 +30,7 @@ const A_SEG: usize = 16;
 const A_STATUS: usize = 32;
 const A_ID: usize = 40;
 
-const SECTOR: u64 = 512;
+const SECTOR: u64 = SECTOR_SIZE;
 
 /// What the driver checks requests against.
 #[derive(Clone, Copy, Debug)]
@@ -397,18 +385,11 @@ impl<T: Transport> BlkQueue<T> {
         };
         let area = id as usize * AREA;
         let iova = self.areas_iova + area as u64;
-        let mut hdr = [0u8; 16];
-        hdr[0..4].copy_from_slice(&ty.to_le_bytes());
-        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.areas.write_bytes(area + A_HDR, &hdr);
+        self.areas.write_bytes(area + A_HDR, &header(ty, sector));
         self.areas.write_bytes(area + A_STATUS, &[S_PRESET]);
         self.readable.insert(0, Buffer::new(iova + A_HDR as u64, 16));
         if let Some((s, n, flags)) = segment {
-            let mut seg = [0u8; 16];
-            seg[0..8].copy_from_slice(&s.to_le_bytes());
-            seg[8..12].copy_from_slice(&n.to_le_bytes());
-            seg[12..16].copy_from_slice(&flags.to_le_bytes());
-            self.areas.write_bytes(area + A_SEG, &seg);
+            self.areas.write_bytes(area + A_SEG, &seg_bytes(s, n, flags));
             self.readable.push(Buffer::new(iova + A_SEG as u64, 16));
         }
         if kind == RequestKind::GetId {
@@ -582,7 +563,7 @@ impl<T: Transport> BlkQueue<T> {
     /// deallocate them if `unmap` (VIRTIO_BLK_F_WRITE_ZEROES).
     pub fn submit_write_zeroes(&mut self, offset: u64, len: u64, unmap: bool, tag: u64) -> Result<()> {
         self.check_discard_like(offset, len, BlkFeatures::WRITE_ZEROES, self.limits.max_write_zeroes_sectors)?;
-        let seg = (offset / SECTOR, (len / SECTOR) as u32, u32::from(unmap));
+        let seg = (offset / SECTOR, (len / SECTOR) as u32, if unmap { WRITE_ZEROES_FLAG_UNMAP } else { 0 });
         self.enqueue(RequestKind::WriteZeroes, T_WRITE_ZEROES, 0, Some(seg), tag, false).map(drop)
     }
 

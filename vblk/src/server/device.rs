@@ -13,42 +13,33 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
-use super::disk::{Disk, SECTOR_SIZE};
+use virtio_blk_dev::spec::{
+    self, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
+    WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_blk_dev::BlkFeatures;
+use virtio_transport_api::VirtioFeatures;
 
-// Feature bits (virtio 1.2, 5.2.3 and 6).
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_MQ: u64 = 1 << 12;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
-const F_RING_INDIRECT_DESC: u64 = 1 << 28;
-const F_RING_EVENT_IDX: u64 = 1 << 29;
+use super::disk::Disk;
+
+// Feature bits (virtio 1.2, 5.2.3 and 6), as raw words for the backend traits.
+const F_SEG_MAX: u64 = BlkFeatures::SEG_MAX.bits();
+const F_RO: u64 = BlkFeatures::RO.bits();
+const F_BLK_SIZE: u64 = BlkFeatures::BLK_SIZE.bits();
+const F_FLUSH: u64 = BlkFeatures::FLUSH.bits();
+const F_MQ: u64 = BlkFeatures::MQ.bits();
+const F_DISCARD: u64 = BlkFeatures::DISCARD.bits();
+const F_WRITE_ZEROES: u64 = BlkFeatures::WRITE_ZEROES.bits();
+const F_RING_INDIRECT_DESC: u64 = VirtioFeatures::INDIRECT_DESC.bits();
+const F_RING_EVENT_IDX: u64 = VirtioFeatures::EVENT_IDX.bits();
+/// VHOST_USER_F_PROTOCOL_FEATURES (vhost-user, not virtio).
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const F_VERSION_1: u64 = 1 << 32;
-
-// Request types.
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-
-// Status values.
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-
-const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+const F_VERSION_1: u64 = VirtioFeatures::VERSION_1.bits();
 
 /// Request header size: type, ioprio, sector.
-const HEADER_LEN: u64 = 16;
+const HEADER_LEN: u64 = spec::HEADER_LEN as u64;
 /// Size of one discard / write-zeroes segment: sector, num_sectors, flags.
-const SEGMENT_LEN: u64 = 16;
-/// Length of the GET_ID answer.
-pub(crate) const ID_LEN: usize = 20;
+const SEGMENT_LEN: u64 = spec::SEGMENT_LEN as u64;
 
 /// Limits advertised in the config space.
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;

@@ -10,8 +10,7 @@ use std::path::Path;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
-/// Bytes in a virtio-blk sector (the unit of `sector` in a request header).
-pub const SECTOR_SIZE: u64 = 512;
+pub use virtio_blk_dev::spec::SECTOR_SIZE;
 
 /// Backing store of the device.
 #[derive(Debug)]
