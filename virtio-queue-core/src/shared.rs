@@ -181,38 +181,139 @@ impl<'a> SharedMemory<'a> {
         }
     }
 
-    /// Copies `bytes` into the window at `offset` with byte-wide relaxed atomic
-    /// stores; `false` if out of bounds. For tests and fuzzing that play a
-    /// device scribbling over memory.
+    /// Copies `bytes` into the window at `offset` with relaxed atomic stores:
+    /// the bytes up to the first 8-byte boundary and after the last one one at
+    /// a time, the aligned middle a word at a time (`AtomicU64`, or `AtomicU32`
+    /// on targets without 64-bit atomics). `false` if out of bounds (nothing is
+    /// written then). For request headers and data buffers of device crates,
+    /// and for tests and fuzzing that play a device scribbling over memory.
+    ///
+    /// Each byte is written exactly once by an atomic store, so a device that
+    /// reads or writes the same bytes at the same time sees some mix of old
+    /// and new bytes, never undefined behaviour on our side.
     #[cfg(not(loom))]
     pub fn write_bytes(&self, offset: usize, bytes: &[u8]) -> bool {
         let Some(end) = offset.checked_add(bytes.len()) else { return false };
         if end > self.len {
             return false;
         }
-        for (i, b) in bytes.iter().enumerate() {
-            // SAFETY: `offset + i < end <= self.len`, inside the window; a byte
-            // has no alignment requirement; accesses are atomic (module docs).
-            unsafe { core::sync::atomic::AtomicU8::from_ptr(self.base.as_ptr().add(offset + i)) }
-                .store(*b, Ordering::Relaxed);
+        // SAFETY: `offset <= end <= self.len`: inside the window or one past its end.
+        let dst = unsafe { self.base.as_ptr().add(offset) };
+        let Some((head, words, tail)) = split_for_words(dst.addr(), bytes) else { return false };
+        let mut p = dst;
+        for &b in head {
+            // SAFETY: `p` walks `dst .. dst + bytes.len()`, inside the window
+            // (checked above); a byte has no alignment requirement; the window's
+            // memory is only accessed atomically (module docs), as `from_ptr` requires.
+            unsafe {
+                core::sync::atomic::AtomicU8::from_ptr(p).store(b, Ordering::Relaxed);
+                p = p.add(1);
+            }
+        }
+        for w in words.chunks_exact(word::BYTES) {
+            let mut v = [0u8; word::BYTES];
+            v.copy_from_slice(w);
+            // SAFETY: as above, and `p` is now word-aligned (`split_for_words`
+            // put the head's end on a word boundary) with `word::BYTES` bytes of
+            // the window left at it.
+            unsafe {
+                word::Atomic::from_ptr(p.cast()).store(word::Int::from_ne_bytes(v), Ordering::Relaxed);
+                p = p.add(word::BYTES);
+            }
+        }
+        for &b in tail {
+            // SAFETY: as for the head bytes.
+            unsafe {
+                core::sync::atomic::AtomicU8::from_ptr(p).store(b, Ordering::Relaxed);
+                p = p.add(1);
+            }
         }
         true
     }
 
-    /// Copies bytes out of the window at `offset`; `false` if out of bounds.
+    /// Copies bytes out of the window at `offset` into `out`, with relaxed
+    /// atomic loads of the same shape as [`SharedMemory::write_bytes`];
+    /// `false` if out of bounds (`out` is untouched then).
     #[cfg(not(loom))]
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) -> bool {
         let Some(end) = offset.checked_add(out.len()) else { return false };
         if end > self.len {
             return false;
         }
-        for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: `offset <= end <= self.len`: inside the window or one past its end.
+        let src = unsafe { self.base.as_ptr().add(offset) };
+        let Some((head, words, tail)) = split_for_words_mut(src.addr(), out) else { return false };
+        let mut p = src;
+        for b in head {
             // SAFETY: as in `write_bytes`.
-            *b = unsafe { core::sync::atomic::AtomicU8::from_ptr(self.base.as_ptr().add(offset + i)) }
-                .load(Ordering::Relaxed);
+            unsafe {
+                *b = core::sync::atomic::AtomicU8::from_ptr(p).load(Ordering::Relaxed);
+                p = p.add(1);
+            }
+        }
+        for w in words.chunks_exact_mut(word::BYTES) {
+            // SAFETY: as in `write_bytes`: `p` is word-aligned with a word of the
+            // window at it.
+            let v = unsafe { word::Atomic::from_ptr(p.cast()).load(Ordering::Relaxed) };
+            w.copy_from_slice(&v.to_ne_bytes());
+            // SAFETY: stays inside the window or one past its end.
+            p = unsafe { p.add(word::BYTES) };
+        }
+        for b in tail {
+            // SAFETY: as in `write_bytes`.
+            unsafe {
+                *b = core::sync::atomic::AtomicU8::from_ptr(p).load(Ordering::Relaxed);
+                p = p.add(1);
+            }
         }
         true
     }
+}
+
+/// The word of [`SharedMemory::read_bytes`] and [`SharedMemory::write_bytes`]:
+/// the widest atomic the target has, up to 64 bits.
+#[cfg(not(loom))]
+mod word {
+    #[cfg(target_has_atomic = "64")]
+    pub type Atomic = core::sync::atomic::AtomicU64;
+    #[cfg(target_has_atomic = "64")]
+    pub type Int = u64;
+    #[cfg(not(target_has_atomic = "64"))]
+    pub type Atomic = core::sync::atomic::AtomicU32;
+    #[cfg(not(target_has_atomic = "64"))]
+    pub type Int = u32;
+    /// Bytes in a word (also its alignment).
+    pub const BYTES: usize = core::mem::size_of::<Int>();
+}
+
+/// Bytes before the first word boundary at or after address `addr`, at most `len`.
+#[cfg(not(loom))]
+#[inline(always)]
+fn head_len(addr: usize, len: usize) -> usize {
+    (addr.wrapping_neg() % word::BYTES).min(len)
+}
+
+/// Splits `bytes`, to be copied to or from address `addr`, into the head
+/// before the first word boundary, whole words, and the tail. Never `None`
+/// (every split point is within the slice); an `Option` keeps it panic-free.
+#[cfg(not(loom))]
+#[inline(always)]
+fn split_for_words(addr: usize, bytes: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let h = head_len(addr, bytes.len());
+    let (head, rest) = bytes.split_at_checked(h)?;
+    let (words, tail) = rest.split_at_checked(rest.len() - rest.len() % word::BYTES)?;
+    Some((head, words, tail))
+}
+
+/// [`split_for_words`] of a mutable slice.
+#[cfg(not(loom))]
+#[inline(always)]
+fn split_for_words_mut(addr: usize, bytes: &mut [u8]) -> Option<(&mut [u8], &mut [u8], &mut [u8])> {
+    let h = head_len(addr, bytes.len());
+    let (head, rest) = bytes.split_at_mut_checked(h)?;
+    let n = rest.len() - rest.len() % word::BYTES;
+    let (words, tail) = rest.split_at_mut_checked(n)?;
+    Some((head, words, tail))
 }
 
 impl SharedMemory<'_> {
@@ -446,4 +547,83 @@ pub(crate) fn fence_store_before_load() {
     core::sync::atomic::fence(Ordering::SeqCst);
     #[cfg(loom)]
     loom::sync::atomic::fence(Ordering::SeqCst);
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A pattern byte that differs at every position of a few lines.
+    fn pat(i: usize, salt: u8) -> u8 {
+        (i as u8).wrapping_mul(31).wrapping_add(salt)
+    }
+
+    #[test]
+    fn byte_copies_at_every_head_and_tail_alignment() {
+        let lines = [const { SharedLine::ZERO }; 4];
+        let m = SharedMemory::new(&lines);
+        // Every start alignment within two words and every length up to
+        // three words plus one, so heads, tails, no words and several words
+        // all occur, as do copies that end exactly on a boundary.
+        for offset in 0..16 {
+            for len in 0..=25 {
+                let mut init = [0u8; 256];
+                for (i, b) in init.iter_mut().enumerate() {
+                    *b = pat(i, 1);
+                }
+                assert!(m.write_bytes(0, &init));
+                let data: Vec<u8> = (0..len).map(|i| pat(i, 77)).collect();
+                assert!(m.write_bytes(offset, &data), "write {offset}+{len}");
+                let mut all = [0u8; 256];
+                assert!(m.read_bytes(0, &mut all));
+                for (i, &b) in all.iter().enumerate() {
+                    let want = if (offset..offset + len).contains(&i) { pat(i - offset, 77) } else { pat(i, 1) };
+                    assert_eq!(b, want, "byte {i} after writing {len} bytes at {offset}");
+                }
+                // Read back at the same place, and into a misaligned buffer.
+                let mut back = vec![0xeeu8; len + 3];
+                assert!(m.read_bytes(offset, &mut back[3..]), "read {offset}+{len}");
+                assert_eq!(&back[3..], &data[..]);
+                assert_eq!(&back[..3], &[0xee; 3]);
+            }
+        }
+    }
+
+    #[test]
+    fn byte_copies_from_and_to_misaligned_slices() {
+        let lines = [const { SharedLine::ZERO }; 2];
+        let m = SharedMemory::new(&lines);
+        let src: Vec<u8> = (0..64).map(|i| pat(i, 5)).collect();
+        for skew in 0..8 {
+            assert!(m.write_bytes(8, &src[skew..skew + 40]));
+            let mut out = [0u8; 48];
+            assert!(m.read_bytes(8, &mut out[skew..skew + 40]));
+            assert_eq!(&out[skew..skew + 40], &src[skew..skew + 40]);
+        }
+    }
+
+    #[test]
+    fn byte_copies_out_of_bounds_touch_nothing() {
+        let lines = [const { SharedLine::ZERO }; 1];
+        let m = SharedMemory::new(&lines);
+        assert!(!m.write_bytes(60, &[1; 5]));
+        assert!(!m.write_bytes(usize::MAX, &[1]));
+        assert!(m.write_bytes(64, &[]));
+        assert!(m.write_bytes(59, &[2; 5]));
+        let mut out = [9u8; 5];
+        assert!(!m.read_bytes(61, &mut out));
+        assert_eq!(out, [9; 5]);
+        assert!(!m.read_bytes(usize::MAX, &mut out[..1]));
+        let mut all = [9u8; 64];
+        assert!(m.read_bytes(0, &mut all));
+        assert!(all[..59].iter().all(|&b| b == 0));
+        assert_eq!(&all[59..], &[2; 5]);
+        // A sub-window copies relative to its own start and stays inside it.
+        let sub = m.slice(16, 32).unwrap();
+        assert!(!sub.write_bytes(30, &[3; 3]));
+        assert!(sub.write_bytes(29, &[3; 3]));
+        assert!(m.read_bytes(0, &mut all));
+        assert_eq!(&all[45..48], &[3; 3]);
+        assert_eq!(all[48], 0);
+    }
 }
