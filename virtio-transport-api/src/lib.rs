@@ -12,7 +12,11 @@
 //! * [`EventFd`], the [`Notifier`] trait and [`CompletionEvent`], for kicks and
 //!   used-buffer notifications;
 //! * [`DmaRegion`] (device-visible memory) and [`MemFd`] (shared, file-backed
-//!   memory for backends in other processes).
+//!   memory for backends in other processes);
+//! * with the feature `loopback`, `loopback::LoopbackTransport`: an in-process
+//!   transport whose device is the core's device model plus a device-specific
+//!   `loopback::LoopbackDevice`, for unit tests and instruction-count
+//!   benchmarks of device crates with no backend at all.
 //!
 //! Hot paths use the associated [`Transport::Notifier`] type and the concrete
 //! [`CompletionEvent`]: no dynamic dispatch and no allocation per request.
@@ -21,6 +25,8 @@ pub mod dma;
 pub mod error;
 pub mod event;
 pub mod features;
+#[cfg(feature = "loopback")]
+pub mod loopback;
 pub mod memfd;
 pub mod transport;
 
