@@ -1,0 +1,443 @@
+//! `vblk bench`: fio-like load with `iodepth` requests in flight on each of `queues` queues,
+//! one worker thread per queue.
+//!
+//! Each worker owns its `BlkQueue` and `iodepth` pre-allocated `DmaBuf`s; a completed request's
+//! buffer is resubmitted at once with the same tag. Per request the loop reads the clock once
+//! (vDSO, no system call), records the latency in a fixed-size histogram and stores its I/O
+//! count for the progress line; the only system calls are the kicks the device asks for and,
+//! with `--interrupt`, the eventfd waits.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use transport_vhost_user::VhostUserTransport;
+use virtio_blk_dev::{BlkQueue, Bufs, DmaBuf, RequestKind};
+
+use crate::cli::{BenchArgs, Rw};
+use crate::stats::{human_bytes, human_count, human_ns, thread_cpu_ns, Histogram, SplitMix64};
+use crate::{signals, target};
+
+/// How long requests still in flight at the end of the run may take before they count as errors.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Empty polls between two clock reads while nothing completes.
+const SPINS_PER_CLOCK: u32 = 32;
+
+/// What one worker does.
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    rw: Rw,
+    rwmixread: u8,
+    bs: u64,
+    /// First byte of the range.
+    start: u64,
+    /// I/Os of `bs` bytes that fit in the range.
+    blocks: u64,
+    /// Sequential patterns: the block this worker starts at.
+    first_block: u64,
+    interrupt: bool,
+    runtime: Duration,
+    seed: u64,
+}
+
+/// What one worker measured.
+#[derive(Default)]
+struct Outcome {
+    hist: Histogram,
+    ios: u64,
+    reads: u64,
+    writes: u64,
+    errors: u64,
+    first_error: Option<String>,
+    cpu_ns: u64,
+    elapsed: Duration,
+}
+
+impl Outcome {
+    fn error(&mut self, what: impl FnOnce() -> String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(what());
+        }
+    }
+}
+
+/// A counter on its own cache lines, written by one worker and read by the progress line.
+#[repr(align(128))]
+#[derive(Default)]
+struct Progress(AtomicU64);
+
+/// Chooses the next request: offset and direction.
+struct Picker {
+    job: Job,
+    rng: SplitMix64,
+    next: u64,
+}
+
+impl Picker {
+    #[inline]
+    fn pick(&mut self) -> (u64, bool) {
+        let j = &self.job;
+        let block = if j.rw.random() {
+            self.rng.below(j.blocks)
+        } else {
+            let b = self.next;
+            self.next = if b + 1 >= j.blocks { 0 } else { b + 1 };
+            b
+        };
+        let write = match j.rw {
+            Rw::Read | Rw::Randread => false,
+            Rw::Write | Rw::Randwrite => true,
+            Rw::Randrw => self.rng.below(100) >= u64::from(j.rwmixread),
+        };
+        (j.start + block * j.bs, write)
+    }
+}
+
+struct Worker {
+    q: BlkQueue<VhostUserTransport>,
+    slots: Vec<Option<DmaBuf>>,
+    started: Vec<Instant>,
+    picker: Picker,
+    out: Outcome,
+    in_flight: usize,
+}
+
+impl Worker {
+    /// Submits a request in slot `tag`, started at `now`. On refusal the buffer goes back to
+    /// its slot and the error is counted.
+    #[inline]
+    fn submit(&mut self, tag: usize, now: Instant) {
+        let Some(buf) = self.slots.get_mut(tag).and_then(Option::take) else { return };
+        let (offset, write) = self.picker.pick();
+        if let Some(s) = self.started.get_mut(tag) {
+            *s = now;
+        }
+        let r = if write {
+            self.q.submit_write(offset, buf, tag as u64)
+        } else {
+            self.q.submit_read(offset, buf, tag as u64)
+        };
+        match r {
+            Ok(()) => self.in_flight += 1,
+            Err(rej) => {
+                if let Some(s) = self.slots.get_mut(tag) {
+                    *s = Some(rej.bufs);
+                }
+                let e = rej.error;
+                self.out.error(|| format!("submission refused: {e}"));
+            }
+        }
+    }
+
+    fn run(mut self, barrier: &Barrier, progress: &Progress) -> Outcome {
+        let job = self.picker.job;
+        barrier.wait();
+        let cpu0 = thread_cpu_ns();
+        let t0 = Instant::now();
+        let mut deadline = t0 + job.runtime;
+        for tag in 0..self.slots.len() {
+            self.submit(tag, t0);
+        }
+        let mut now = t0;
+        // Set when the measured interval ends: its length and the CPU time used in it.
+        let mut end: Option<(Duration, u64)> = None;
+        let mut spins = 0u32;
+        loop {
+            if end.is_none() && (now >= deadline || signals::stop_requested()) {
+                end = Some((now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0)));
+                deadline = now;
+            }
+            if self.in_flight == 0 {
+                break;
+            }
+            let c = if job.interrupt {
+                let limit = match end {
+                    None => deadline.saturating_duration_since(now),
+                    Some(_) => (deadline + DRAIN_TIMEOUT).saturating_duration_since(now),
+                };
+                self.q.wait(Some(limit))
+            } else {
+                self.q.poll()
+            };
+            let Some(c) = c else {
+                spins += 1;
+                if job.interrupt || spins >= SPINS_PER_CLOCK {
+                    spins = 0;
+                    now = Instant::now();
+                    if end.is_some() && now >= deadline + DRAIN_TIMEOUT {
+                        let n = self.in_flight;
+                        self.out.errors += n as u64;
+                        if self.out.first_error.is_none() {
+                            self.out.first_error =
+                                Some(format!("{n} requests did not complete within {DRAIN_TIMEOUT:?}"));
+                        }
+                        break;
+                    }
+                }
+                continue;
+            };
+            now = Instant::now();
+            self.in_flight -= 1;
+            let tag = c.tag as usize;
+            if let Bufs::One(b) = c.bufs {
+                if let Some(s) = self.slots.get_mut(tag) {
+                    *s = Some(b);
+                }
+            }
+            match c.result {
+                Ok(()) => {
+                    if end.is_none() {
+                        let lat = self.started.get(tag).map_or(0, |s| now.saturating_duration_since(*s).as_nanos());
+                        self.out.hist.record(lat as u64);
+                        self.out.ios += 1;
+                        if c.kind == RequestKind::Write {
+                            self.out.writes += 1;
+                        } else {
+                            self.out.reads += 1;
+                        }
+                        progress.0.store(self.out.ios, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => self.out.error(|| e.to_string()),
+            }
+            if end.is_none() && now < deadline {
+                self.submit(tag, now);
+            }
+        }
+        let (elapsed, cpu) = end.unwrap_or_else(|| (now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0)));
+        self.out.elapsed = elapsed;
+        self.out.cpu_ns = cpu;
+        self.out
+    }
+}
+
+/// The merged result of a run.
+struct Report {
+    target: String,
+    rw: Rw,
+    bs: u64,
+    iodepth: u16,
+    queues: u16,
+    interrupt: bool,
+    runtime_s: f64,
+    total: Outcome,
+    cpu_ns_per_io: f64,
+}
+
+impl Report {
+    fn iops(&self) -> f64 {
+        if self.runtime_s > 0.0 {
+            self.total.ios as f64 / self.runtime_s
+        } else {
+            0.0
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let h = &self.total.hist;
+        serde_json::json!({
+            "target": self.target,
+            "rw": self.rw.name(),
+            "bs": self.bs,
+            "iodepth": self.iodepth,
+            "queues": self.queues,
+            "mode": if self.interrupt { "interrupt" } else { "poll" },
+            "runtime_s": self.runtime_s,
+            "ios": self.total.ios,
+            "read_ios": self.total.reads,
+            "write_ios": self.total.writes,
+            "errors": self.total.errors,
+            "iops": self.iops(),
+            "bw_bytes_per_s": self.iops() * self.bs as f64,
+            "lat_ns": {
+                "mean": h.mean(),
+                "p50": h.quantile(0.50),
+                "p99": h.quantile(0.99),
+                "p99_9": h.quantile(0.999),
+            },
+            "cpu_ns_per_io": self.cpu_ns_per_io,
+        })
+    }
+
+    fn text(&self) -> String {
+        let h = &self.total.hist;
+        let t = &self.total;
+        format!(
+            "{} {} bs={} iodepth={} queues={} {} runtime={:.2}s\n  \
+             ios:     {} (read {}, write {}), errors {}\n  \
+             iops:    {}\n  \
+             bw:      {}/s\n  \
+             latency: mean {}, p50 {}, p99 {}, p99.9 {}\n  \
+             cpu/io:  {} (user+sys of the {} worker thread{})\n",
+            self.target,
+            self.rw.name(),
+            human_bytes(self.bs),
+            self.iodepth,
+            self.queues,
+            if self.interrupt { "interrupt" } else { "poll" },
+            self.runtime_s,
+            t.ios,
+            t.reads,
+            t.writes,
+            t.errors,
+            human_count(self.iops()),
+            human_bytes((self.iops() * self.bs as f64) as u64),
+            human_ns(h.mean()),
+            human_ns(h.quantile(0.50) as f64),
+            human_ns(h.quantile(0.99) as f64),
+            human_ns(h.quantile(0.999) as f64),
+            human_ns(self.cpu_ns_per_io),
+            self.queues,
+            if self.queues == 1 { "" } else { "s" },
+        )
+    }
+}
+
+/// Runs `vblk bench`.
+pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
+    signals::set_graceful();
+    // The embedded RAM disk holds at least the range asked for.
+    let ram = a.size.map_or(0, |s| a.offset.saturating_add(s)).max(vblk::server::DEFAULT_RAM_SIZE);
+    let mut t = target::open(&a.target, ram, a.target.queue_size_for(a.iodepth))?;
+    let dev = &mut t.dev;
+    let cap = dev.capacity();
+    let bsz = u64::from(dev.block_size());
+    if a.bs % bsz != 0 {
+        return Err(format!("--bs {} is not a multiple of the device's {bsz}-byte block size", a.bs));
+    }
+    if a.offset % bsz != 0 {
+        return Err(format!("--offset {} is not a multiple of the device's {bsz}-byte block size", a.offset));
+    }
+    if a.offset >= cap {
+        return Err(format!("--offset {} is past the end of the device ({cap} bytes)", a.offset));
+    }
+    let len = match a.size {
+        Some(s) if a.offset.checked_add(s).is_none_or(|e| e > cap) => {
+            return Err(format!("--offset {} + --size {s} ends past the end of the device ({cap} bytes)", a.offset))
+        }
+        Some(s) => s,
+        None => cap - a.offset,
+    };
+    let blocks = len / a.bs;
+    if blocks == 0 {
+        return Err(format!("the range of {len} bytes holds no {}-byte I/O", a.bs));
+    }
+    if a.rw.writes() && dev.read_only() {
+        return Err(format!("{} is read-only; --rw {} writes", t.name, a.rw.name()));
+    }
+    if dev.num_queues() < a.target.queues {
+        return Err(format!("asked for {} queues, {} has {}", a.target.queues, t.name, dev.num_queues()));
+    }
+    let queues = dev.queues();
+    let nq = queues.len() as u16;
+    let depth = usize::from(a.iodepth);
+    let fits = |q: &BlkQueue<VhostUserTransport>| {
+        let per = if dev.ring_features().contains(virtio_queue_core::RingFeatures::INDIRECT_DESC) { 1 } else { 3 };
+        depth * per <= usize::from(q.queue_size())
+    };
+    if let Some(q) = queues.iter().find(|q| !fits(q)) {
+        return Err(format!(
+            "--iodepth {depth} does not fit in a queue of {} entries (raise --queue-size)",
+            q.queue_size()
+        ));
+    }
+    let mut workers = Vec::with_capacity(queues.len());
+    for (i, q) in queues.into_iter().enumerate() {
+        let bs = usize::try_from(a.bs).map_err(|_| "--bs is too large".to_string())?;
+        let mut bufs = dev.alloc_bufs(bs, depth).map_err(|e| format!("cannot allocate I/O buffers: {e}"))?;
+        for b in &mut bufs {
+            b.fill(0xa5);
+        }
+        let job = Job {
+            rw: a.rw,
+            rwmixread: a.rwmixread,
+            bs: a.bs,
+            start: a.offset,
+            blocks,
+            first_block: blocks / u64::from(nq) * i as u64,
+            interrupt: a.interrupt,
+            runtime: Duration::from_secs_f64(a.runtime),
+            seed: 0x5eed ^ (i as u64).wrapping_mul(0x9e37_79b9),
+        };
+        workers.push(Worker {
+            q,
+            slots: bufs.into_iter().map(Some).collect(),
+            started: vec![Instant::now(); depth],
+            picker: Picker { job, rng: SplitMix64::new(job.seed), next: job.first_block },
+            out: Outcome::default(),
+            in_flight: 0,
+        });
+    }
+
+    let show_progress = !a.json && std::io::stderr().is_terminal();
+    let barrier = Barrier::new(workers.len() + 1);
+    let counters: Vec<Progress> = workers.iter().map(|_| Progress::default()).collect();
+    let outcomes = thread::scope(|s| -> Result<Vec<Outcome>, String> {
+        let mut handles = Vec::with_capacity(workers.len());
+        for (i, (w, c)) in workers.into_iter().zip(&counters).enumerate() {
+            let b = &barrier;
+            let h = thread::Builder::new()
+                .name(format!("vblk-bench-{i}"))
+                .spawn_scoped(s, move || w.run(b, c))
+                .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+            handles.push(h);
+        }
+        barrier.wait();
+        let t0 = Instant::now();
+        let mut next_report = t0 + Duration::from_secs(1);
+        while !handles.iter().all(|h| h.is_finished()) {
+            thread::sleep(Duration::from_millis(50));
+            if show_progress && Instant::now() >= next_report {
+                let el = t0.elapsed().as_secs_f64();
+                let ios: u64 = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
+                eprint!("\r\x1b[Kvblk: {el:5.1}s  {} IOPS", human_count(ios as f64 / el));
+                next_report += Duration::from_secs(1);
+            }
+        }
+        if show_progress && t0.elapsed() >= Duration::from_secs(1) {
+            eprint!("\r\x1b[K");
+        }
+        handles.into_iter().map(|h| h.join().map_err(|_| "a worker thread panicked".to_string())).collect()
+    })?;
+
+    let mut total = Outcome::default();
+    let mut runtime = Duration::ZERO;
+    for o in &outcomes {
+        total.hist.merge(&o.hist);
+        total.ios += o.ios;
+        total.reads += o.reads;
+        total.writes += o.writes;
+        total.errors += o.errors;
+        total.cpu_ns += o.cpu_ns;
+        runtime = runtime.max(o.elapsed);
+        if total.first_error.is_none() {
+            total.first_error.clone_from(&o.first_error);
+        }
+    }
+    let cpu_ns_per_io = if total.ios > 0 { total.cpu_ns as f64 / total.ios as f64 } else { 0.0 };
+    let report = Report {
+        target: t.name.clone(),
+        rw: a.rw,
+        bs: a.bs,
+        iodepth: a.iodepth,
+        queues: nq,
+        interrupt: a.interrupt,
+        runtime_s: runtime.as_secs_f64(),
+        total,
+        cpu_ns_per_io,
+    };
+    if a.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.text());
+    }
+    drop(t);
+    match (&report.total.first_error, report.total.errors) {
+        (_, 0) => Ok(ExitCode::SUCCESS),
+        (first, n) => Err(format!("{n} requests failed; first: {}", first.as_deref().unwrap_or("unknown error"))),
+    }
+}

@@ -1,0 +1,119 @@
+//! Opening the device a command drives: a vhost-user back-end, or the embedded server started
+//! in this process on a temporary unix socket.
+
+use std::path::PathBuf;
+
+use tempfile::TempDir;
+use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
+use vblk::server::{Server, ServerHandle, ServerOptions, Storage, DEFAULT_QUEUE_SIZE};
+use virtio_blk_dev::{BlkDevice, BlkOptions};
+use virtio_queue_core::RingFeatures;
+
+use crate::cli::TargetArgs;
+use crate::stats::human_bytes;
+
+/// The embedded server and the directory holding its socket. The handle is dropped first:
+/// it stops the server and removes the socket; then the directory goes.
+struct Embedded {
+    _server: ServerHandle,
+    _dir: TempDir,
+}
+
+/// An open device, and the server behind it when it is the embedded one.
+pub struct Target {
+    /// The device, negotiated, with its queues set up. Dropped before the server.
+    pub dev: BlkDevice<VhostUserTransport>,
+    /// What the device is, for humans and for JSON (`embedded-ram`, `vhost-user:PATH` ...).
+    pub name: String,
+    _embedded: Option<Embedded>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // The command's outcome is known by now. What the embedded server or the transport
+        // logs while the front-end goes away (memory unregistered under a worker that is still
+        // running, a closed socket) is noise that would break the one-line error contract.
+        log::set_max_level(log::LevelFilter::Off);
+    }
+}
+
+impl TargetArgs {
+    /// The queue size to negotiate: `--queue-size`, else the default raised to fit `depth`
+    /// requests (each takes one descriptor with indirect tables, three without).
+    pub fn queue_size_for(&self, depth: u16) -> u16 {
+        self.queue_size.unwrap_or_else(|| {
+            let per_request = if self.no_indirect { 3 } else { 1 };
+            let need = (u32::from(depth) * per_request).next_power_of_two().clamp(u32::from(DEFAULT_QUEUE_SIZE), 32768);
+            need as u16
+        })
+    }
+
+    fn blk_options(&self, queue_size: u16) -> BlkOptions {
+        BlkOptions {
+            num_queues: self.queues,
+            queue_size,
+            packed: !self.split,
+            event_idx: !self.no_event_idx,
+            indirect: !self.no_indirect,
+            in_order: !self.no_in_order,
+            ..BlkOptions::default()
+        }
+    }
+}
+
+/// Opens the target of `args`. `ram_size` is the embedded RAM disk's size; `queue_size` the
+/// largest queue size to negotiate (and to offer, for the embedded server).
+pub fn open(args: &TargetArgs, ram_size: u64, queue_size: u16) -> Result<Target, String> {
+    if args.vdpa.is_some() {
+        return Err("the vhost-vdpa transport (--vdpa) is not built yet".into());
+    }
+    if args.pci.is_some() {
+        return Err("the VFIO PCI transport (--pci) is not built yet".into());
+    }
+    let options = args.blk_options(queue_size);
+    let vu_options = VhostUserOptions { max_queue_size: queue_size.max(1024), ..VhostUserOptions::default() };
+    let (dev, name, embedded) = match &args.vhost_user {
+        Some(path) => {
+            let t = VhostUserTransport::connect(path, vu_options).map_err(|e| e.to_string())?;
+            let dev = BlkDevice::open(t, options).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            (dev, format!("vhost-user:{}", path.display()), None)
+        }
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("vblk-")
+                .tempdir()
+                .map_err(|e| format!("cannot create a directory for the embedded server's socket: {e}"))?;
+            let sock: PathBuf = dir.path().join("vblk.sock");
+            crate::signals::cleanup_on_signal(&sock, dir.path());
+            let (storage, name) = match &args.image {
+                Some(p) => (Storage::Image(p.clone()), format!("embedded-image:{}", p.display())),
+                None => (
+                    Storage::Ram { size: ram_size },
+                    format!("embedded-ram:{}", human_bytes(ram_size).replace(' ', "")),
+                ),
+            };
+            let server_options = ServerOptions {
+                storage,
+                queues: args.queues,
+                queue_size,
+                read_only: false,
+                ..ServerOptions::default()
+            };
+            let server = Server::start(&sock, server_options).map_err(|e| format!("embedded server: {e}"))?;
+            let t = VhostUserTransport::connect(&sock, vu_options)
+                .map_err(|e| format!("cannot connect to the embedded server: {e}"))?;
+            let dev =
+                BlkDevice::open(t, options).map_err(|e| format!("cannot open the embedded server's device: {e}"))?;
+            (dev, name, Some(Embedded { _server: server, _dir: dir }))
+        }
+    };
+    // Built before any further check, so that an error drops the device before the server.
+    let target = Target { dev, name, _embedded: embedded };
+    if args.packed && !target.dev.ring_features().contains(RingFeatures::RING_PACKED) {
+        return Err(format!(
+            "{} does not offer packed rings (VIRTIO_F_RING_PACKED), asked for by --packed",
+            target.name
+        ));
+    }
+    Ok(target)
+}
