@@ -9,6 +9,8 @@
 //! - `fuzz <target> [seconds]`: runs one fuzz target for longer (default 600 s).
 //! - `bench [--check]`: driver-side instructions per request under callgrind, optionally
 //!   failing when they exceed the budget.
+//! - `vm-test [--case NAME] [--timeout SECS]`: the PCI/vhost-vdpa tier inside a QEMU guest
+//!   (module `vm`, `docs/vm-test.md`).
 //!
 //! Plain `std` only, so that it builds on a fresh machine before anything else is installed.
 
@@ -19,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 use std::{env, fs};
+
+mod vm;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -31,6 +35,9 @@ commands:
   fuzz <target> [seconds]           run one fuzz target (default 600 s)
   bench [--check]                   driver instructions per request under callgrind;
                                     --check fails when over budget
+  vm-test [--case NAME] [--timeout SECS] ...
+                                    PCI (VFIO) and vhost-vdpa tests in a QEMU guest
+                                    (`cargo xtask vm-test --help`)
   help                              this text
 ";
 
@@ -145,6 +152,13 @@ fn run(args: &[String]) -> Result<ExitCode> {
             };
             bench(&root, check)?;
             Ok(ExitCode::SUCCESS)
+        }
+        "vm-test" => {
+            if rest.iter().any(|a| a == "--help" || a == "-h") {
+                println!("{}", vm::USAGE);
+                return Ok(ExitCode::SUCCESS);
+            }
+            vm::vm_test(&root, rest)
         }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
