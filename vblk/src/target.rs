@@ -1,12 +1,13 @@
 //! Opening the device a command drives: a vhost-user back-end, or the embedded server started
 //! in this process on a temporary unix socket.
 
+use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 
 use tempfile::TempDir;
 use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
 use vblk::server::{Server, ServerHandle, ServerOptions, Storage, DEFAULT_QUEUE_SIZE};
-use virtio_blk_dev::{BlkDevice, BlkOptions};
+use virtio_blk_dev::{BlkDevice, BlkOptions, BlkQueue};
 use virtio_queue_core::RingFeatures;
 
 use crate::cli::TargetArgs;
@@ -28,12 +29,52 @@ pub struct Target {
     _embedded: Option<Embedded>,
 }
 
+/// Stops logging: the command's outcome is known. What the embedded server or the transport
+/// logs while the front-end goes away is noise that would break the one-line error contract:
+/// a dropped `BlkQueue` unregisters its ring memory without stopping the device's queue first,
+/// and a server worker still looking at that ring says "error accessing guest memory".
+fn teardown() {
+    log::set_max_level(log::LevelFilter::Off);
+}
+
 impl Drop for Target {
     fn drop(&mut self) {
-        // The command's outcome is known by now. What the embedded server or the transport
-        // logs while the front-end goes away (memory unregistered under a worker that is still
-        // running, a closed socket) is noise that would break the one-line error contract.
-        log::set_max_level(log::LevelFilter::Off);
+        teardown();
+    }
+}
+
+/// A queue taken from the target. Drop it only when the command is done (it ends logging,
+/// see [`teardown`]).
+pub struct Queue(BlkQueue<VhostUserTransport>);
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        teardown();
+    }
+}
+
+impl Deref for Queue {
+    type Target = BlkQueue<VhostUserTransport>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl DerefMut for Queue {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Target {
+    /// Takes queue `index`.
+    pub fn take_queue(&mut self, index: u16) -> Result<Queue, String> {
+        self.dev.take_queue(index).map(Queue).map_err(|e| e.to_string())
+    }
+
+    /// Takes every queue.
+    pub fn queues(&mut self) -> Vec<Queue> {
+        self.dev.queues().into_iter().map(Queue).collect()
     }
 }
 

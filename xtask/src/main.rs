@@ -9,6 +9,8 @@
 //! - `fuzz <target> [seconds]`: runs one fuzz target for longer (default 600 s).
 //! - `bench [--check]`: driver-side instructions per request under callgrind, optionally
 //!   failing when they exceed the budget.
+//! - `compare [--runs N] [--runtime S] ...`: `vblk bench` against libblkio's `virtio-driver`
+//!   0.6.1 on qemu-storage-daemon and `vblk serve`, alternating runs; medians (module `compare`).
 //! - `vm-test [--case NAME] [--timeout SECS]`: the PCI/vhost-vdpa tier inside a QEMU guest
 //!   (module `vm`, `docs/vm-test.md`).
 //!
@@ -22,6 +24,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 use std::{env, fs};
 
+mod compare;
 mod vm;
 
 const USAGE: &str = "\
@@ -35,6 +38,9 @@ commands:
   fuzz <target> [seconds]           run one fuzz target (default 600 s)
   bench [--check]                   driver instructions per request under callgrind;
                                     --check fails when over budget
+  compare [--runs N] [--runtime S] [--only uvirtio|ref] [--json] ...
+                                    vblk bench vs virtio-driver 0.6.1 (alternating runs,
+                                    medians); qemu-storage-daemon and vblk serve back-ends
   vm-test [--case NAME] [--timeout SECS] ...
                                     PCI (VFIO) and vhost-vdpa tests in a QEMU guest
                                     (`cargo xtask vm-test --help`)
@@ -159,6 +165,10 @@ fn run(args: &[String]) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             vm::vm_test(&root, rest)
+        }
+        "compare" => {
+            compare::compare(&root, rest)?;
+            Ok(ExitCode::SUCCESS)
         }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");

@@ -14,12 +14,12 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use transport_vhost_user::VhostUserTransport;
-use virtio_blk_dev::{BlkQueue, Bufs, DmaBuf, RequestKind};
+use virtio_blk_dev::{Bufs, DmaBuf, RequestKind};
 
 use crate::cli::{BenchArgs, Rw};
+use crate::signals;
 use crate::stats::{human_bytes, human_count, human_ns, thread_cpu_ns, Histogram, SplitMix64};
-use crate::{signals, target};
+use crate::target::{self, Queue};
 
 /// How long requests still in flight at the end of the run may take before they count as errors.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,7 +98,7 @@ impl Picker {
 }
 
 struct Worker {
-    q: BlkQueue<VhostUserTransport>,
+    q: Queue,
     slots: Vec<Option<DmaBuf>>,
     started: Vec<Instant>,
     picker: Picker,
@@ -133,7 +133,8 @@ impl Worker {
         }
     }
 
-    fn run(mut self, barrier: &Barrier, progress: &Progress) -> Outcome {
+    /// Runs the job; hands the queue back, to be dropped with the target once every worker is done.
+    fn run(mut self, barrier: &Barrier, progress: &Progress) -> (Outcome, Queue) {
         let job = self.picker.job;
         barrier.wait();
         let cpu0 = thread_cpu_ns();
@@ -211,7 +212,7 @@ impl Worker {
         let (elapsed, cpu) = end.unwrap_or_else(|| (now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0)));
         self.out.elapsed = elapsed;
         self.out.cpu_ns = cpu;
-        self.out
+        (self.out, self.q)
     }
 }
 
@@ -303,7 +304,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     // The embedded RAM disk holds at least the range asked for.
     let ram = a.size.map_or(0, |s| a.offset.saturating_add(s)).max(vblk::server::DEFAULT_RAM_SIZE);
     let mut t = target::open(&a.target, ram, a.target.queue_size_for(a.iodepth))?;
-    let dev = &mut t.dev;
+    let queues = t.queues();
+    let dev = &t.dev;
     let cap = dev.capacity();
     let bsz = u64::from(dev.block_size());
     if a.bs % bsz != 0 {
@@ -332,10 +334,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     if dev.num_queues() < a.target.queues {
         return Err(format!("asked for {} queues, {} has {}", a.target.queues, t.name, dev.num_queues()));
     }
-    let queues = dev.queues();
     let nq = queues.len() as u16;
     let depth = usize::from(a.iodepth);
-    let fits = |q: &BlkQueue<VhostUserTransport>| {
+    let fits = |q: &Queue| {
         let per = if dev.ring_features().contains(virtio_queue_core::RingFeatures::INDIRECT_DESC) { 1 } else { 3 };
         depth * per <= usize::from(q.queue_size())
     };
@@ -376,7 +377,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let show_progress = !a.json && std::io::stderr().is_terminal();
     let barrier = Barrier::new(workers.len() + 1);
     let counters: Vec<Progress> = workers.iter().map(|_| Progress::default()).collect();
-    let outcomes = thread::scope(|s| -> Result<Vec<Outcome>, String> {
+    let done = thread::scope(|s| -> Result<Vec<(Outcome, Queue)>, String> {
         let mut handles = Vec::with_capacity(workers.len());
         for (i, (w, c)) in workers.into_iter().zip(&counters).enumerate() {
             let b = &barrier;
@@ -404,6 +405,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         handles.into_iter().map(|h| h.join().map_err(|_| "a worker thread panicked".to_string())).collect()
     })?;
 
+    let (outcomes, queues): (Vec<Outcome>, Vec<Queue>) = done.into_iter().unzip();
     let mut total = Outcome::default();
     let mut runtime = Duration::ZERO;
     for o in &outcomes {
@@ -435,6 +437,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     } else {
         print!("{}", report.text());
     }
+    drop(queues);
     drop(t);
     match (&report.total.first_error, report.total.errors) {
         (_, 0) => Ok(ExitCode::SUCCESS),

@@ -29,8 +29,8 @@ fn id_text(id: &[u8; ID_LEN]) -> String {
 /// Runs `vblk info`.
 pub fn run(a: InfoArgs) -> Result<ExitCode, String> {
     let mut t = target::open(&a.target, a.ram.bytes(), a.target.queue_size_for(1))?;
-    let dev = &mut t.dev;
-    let mut q = dev.take_queue(0).map_err(|e| e.to_string())?;
+    let mut q = t.take_queue(0)?;
+    let dev = &t.dev;
     let id = q.get_id().map(|id| id_text(&id));
     let features = dev.negotiated_features();
     let names = feature_names(features);

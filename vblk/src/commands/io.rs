@@ -29,7 +29,7 @@ pub fn read(a: ReadArgs) -> Result<ExitCode, String> {
         let f = File::create(&a.output).map_err(|e| format!("cannot create {}: {e}", a.output.display()))?;
         Box::new(std::io::BufWriter::new(f))
     };
-    let mut q = t.dev.take_queue(0).map_err(|e| e.to_string())?;
+    let mut q = t.take_queue(0)?;
     let mut buf = vec![0u8; CHUNK.min(a.length as usize)];
     let mut done = 0u64;
     while done < a.length {
@@ -61,7 +61,7 @@ pub fn write(a: WriteArgs) -> Result<ExitCode, String> {
         return Err(format!("{} is read-only", t.name));
     }
     let flush = t.dev.blk_features().contains(BlkFeatures::FLUSH);
-    let mut q = t.dev.take_queue(0).map_err(|e| e.to_string())?;
+    let mut q = t.take_queue(0)?;
     for (i, chunk) in data.chunks(CHUNK).enumerate() {
         let at = a.offset + (i * CHUNK) as u64;
         q.write_at(at, chunk).map_err(|e| format!("write at byte {at}: {e}"))?;

@@ -155,7 +155,7 @@ pub fn run(a: VerifyArgs) -> Result<ExitCode, String> {
     let depth = usize::from(a.iodepth).min(full.max(1) as usize);
     let flush = t.dev.blk_features().contains(BlkFeatures::FLUSH);
     let mut bufs = t.dev.alloc_bufs(bs as usize, depth).map_err(|e| format!("cannot allocate I/O buffers: {e}"))?;
-    let mut q = t.dev.take_queue(0).map_err(|e| e.to_string())?;
+    let mut q = t.take_queue(0)?;
     let mut scratch = vec![0u8; bs as usize];
     let mut want = vec![0u8; bs as usize];
     let offsets = || (0..full).map(move |i| a.offset + i * bs);
