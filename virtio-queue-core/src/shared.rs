@@ -317,6 +317,34 @@ fn split_for_words_mut(addr: usize, bytes: &mut [u8]) -> Option<(&mut [u8], &mut
 }
 
 impl SharedMemory<'_> {
+    /// Writes the little-endian 64-bit word `v` at `offset` with one relaxed
+    /// atomic store (a data field: order it with a synchronising field).
+    /// `false`, and nothing written, if `offset` is not a multiple of 8 or
+    /// the word is not inside the window. For device crates that fill
+    /// request headers in place.
+    #[inline]
+    pub fn write_le_u64(&self, offset: usize, v: u64) -> bool {
+        if offset % 8 != 0 || offset.checked_add(8).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        // SAFETY: 8-aligned (the window starts on a 16-byte boundary) and
+        // inside the window, checked above.
+        unsafe { self.write_u64(offset, v) };
+        true
+    }
+
+    /// Reads the little-endian 64-bit word at `offset` with one relaxed atomic
+    /// load; `None` if `offset` is not a multiple of 8 or the word is not
+    /// inside the window.
+    #[inline]
+    pub fn read_le_u64(&self, offset: usize) -> Option<u64> {
+        if offset % 8 != 0 || offset.checked_add(8).is_none_or(|end| end > self.len) {
+            return None;
+        }
+        // SAFETY: as in `write_le_u64`.
+        Some(unsafe { self.read_u64(offset) })
+    }
+
     /// Zeroes the whole window (both field kinds under loom). Only done while
     /// the device does not yet know the memory.
     pub(crate) fn zero(&self) {
@@ -425,7 +453,6 @@ mod imp {
 
         /// Reads a 64-bit data field.
         #[inline(always)]
-        #[cfg_attr(not(feature = "device-model"), allow(dead_code))]
         pub(crate) unsafe fn read_u64(&self, off: usize) -> u64 {
             #[cfg(target_has_atomic = "64")]
             {
@@ -600,6 +627,24 @@ mod tests {
             assert!(m.read_bytes(8, &mut out[skew..skew + 40]));
             assert_eq!(&out[skew..skew + 40], &src[skew..skew + 40]);
         }
+    }
+
+    #[test]
+    fn words_are_little_endian_aligned_and_bounded() {
+        let lines = [const { SharedLine::ZERO }; 1];
+        let m = SharedMemory::new(&lines);
+        assert!(m.write_le_u64(8, 0x0102_0304_0506_0708));
+        let mut b = [0u8; 8];
+        assert!(m.read_bytes(8, &mut b));
+        assert_eq!(b, [8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(m.read_le_u64(8), Some(0x0102_0304_0506_0708));
+        assert!(m.write_bytes(56, &[0xff, 1]));
+        assert_eq!(m.read_le_u64(56), Some(0x01ff));
+        for bad in [4, 60, 64, usize::MAX - 7] {
+            assert!(!m.write_le_u64(bad, 1), "{bad}");
+            assert_eq!(m.read_le_u64(bad), None, "{bad}");
+        }
+        assert_eq!(m.read_le_u64(0), Some(0), "nothing written by the refused stores");
     }
 
     #[test]

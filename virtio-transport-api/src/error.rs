@@ -102,18 +102,35 @@ impl fmt::Display for Cause {
 /// A transport error: which transport, which step, and why.
 ///
 /// Displays as `vhost-user: queue 1 (SET_VRING_ADDR): backend disconnected: ...`.
-#[derive(Debug)]
 pub struct Error {
+    /// Boxed so that `Result<T, Error>`, and the error types of device crates
+    /// that wrap it, stay small on the hot paths that return them.
+    inner: Box<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     transport: &'static str,
     step: Step,
     context: Option<String>,
     cause: Cause,
 }
 
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("transport", &self.inner.transport)
+            .field("step", &self.inner.step)
+            .field("context", &self.inner.context)
+            .field("cause", &self.inner.cause)
+            .finish()
+    }
+}
+
 impl Error {
     /// An error of `transport` at `step` because of `cause`.
     pub fn new(transport: &'static str, step: Step, cause: Cause) -> Self {
-        Error { transport, step, context: None, cause }
+        Error { inner: Box::new(Inner { transport, step, context: None, cause }) }
     }
 
     /// An OS error (`errno`) of `transport` at `step`.
@@ -128,33 +145,33 @@ impl Error {
 
     /// Adds what was being done (a request name, a path) to the message.
     pub fn with_context(mut self, context: impl Into<String>) -> Self {
-        self.context = Some(context.into());
+        self.inner.context = Some(context.into());
         self
     }
 
     /// Name of the transport that failed (`"vhost-user"`, `"vdpa"`, `"pci"` ...).
     pub fn transport(&self) -> &'static str {
-        self.transport
+        self.inner.transport
     }
 
     /// The step that failed.
     pub fn step(&self) -> Step {
-        self.step
+        self.inner.step
     }
 
     /// Extra context, such as the request or path.
     pub fn context(&self) -> Option<&str> {
-        self.context.as_deref()
+        self.inner.context.as_deref()
     }
 
     /// Why it failed.
     pub fn cause(&self) -> &Cause {
-        &self.cause
+        &self.inner.cause
     }
 
     /// The errno, when the cause is an OS error.
     pub fn raw_os_error(&self) -> Option<i32> {
-        match &self.cause {
+        match &self.inner.cause {
             Cause::Os(e) => e.raw_os_error(),
             _ => None,
         }
@@ -162,23 +179,23 @@ impl Error {
 
     /// Whether the backend is gone (every later call will fail too).
     pub fn is_disconnected(&self) -> bool {
-        matches!(self.cause, Cause::Disconnected(_))
+        matches!(self.inner.cause, Cause::Disconnected(_))
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.transport, self.step)?;
-        if let Some(c) = &self.context {
+        write!(f, "{}: {}", self.inner.transport, self.inner.step)?;
+        if let Some(c) = &self.inner.context {
             write!(f, " ({c})")?;
         }
-        write!(f, ": {}", self.cause)
+        write!(f, ": {}", self.inner.cause)
     }
 }
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.cause {
+        match &self.inner.cause {
             Cause::Os(e) => Some(e),
             _ => None,
         }
