@@ -38,6 +38,8 @@ mod buf;
 mod config;
 mod device;
 mod error;
+#[cfg(feature = "loopback")]
+pub mod loopback;
 mod queue;
 pub mod spec;
 

@@ -15,8 +15,8 @@ use crate::config::BlkFeatures;
 use crate::device::BlkOptions;
 use crate::error::{BlkError, DeviceStatus, Result};
 use crate::spec::{
-    header, segment as seg_bytes, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN,
-    T_OUT, T_SECURE_ERASE, T_WRITE_ZEROES, WRITE_ZEROES_FLAG_UNMAP,
+    segment as seg_bytes, HEADER_LEN, ID_LEN, SECTOR_SIZE, SEGMENT_LEN, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH,
+    T_GET_ID, T_IN, T_OUT, T_SECURE_ERASE, T_WRITE_ZEROES, WRITE_ZEROES_FLAG_UNMAP,
 };
 
 /// Preset into every status byte before submission: no device returns it.
@@ -115,12 +115,25 @@ unsafe impl SlotStorage<u16> for SlotBox {
 }
 
 /// Per-request driver state (driver-private memory).
-#[derive(Default)]
 struct ReqState {
     tag: u64,
-    kind: Option<RequestKind>,
-    bufs: Bufs,
+    kind: RequestKind,
     internal: bool,
+    bufs: Bufs,
+}
+
+impl Default for ReqState {
+    fn default() -> Self {
+        ReqState { tag: 0, kind: RequestKind::Read, internal: false, bufs: Bufs::None }
+    }
+}
+
+/// The data buffers of a request being enqueued.
+enum Data<'a> {
+    /// No data (flush, get-id, discard-like).
+    None,
+    /// Several caller buffers (readv, writev).
+    Many(&'a [DmaBuf]),
 }
 
 /// One request queue of a [`crate::BlkDevice`]. `Send`: move it to the thread that uses it.
@@ -148,6 +161,8 @@ pub struct BlkQueue<T: Transport> {
     notifier: T::Notifier,
     event: CompletionEvent,
     unpublished: bool,
+    /// `dead` or `broken` is set: the slow path of `check_live` decides.
+    failed: bool,
     dead: Option<(&'static str, String)>,
     /// The device broke the ring protocol: the queue stays unusable (the
     /// core queue was reset to hand back the requests in flight).
@@ -156,6 +171,17 @@ pub struct BlkQueue<T: Transport> {
     name: &'static str,
     index: u16,
     mem: DmaRegion,
+}
+
+/// The error of a status byte other than OK.
+#[cold]
+fn status_error(status: u8) -> BlkError {
+    BlkError::Device(match status {
+        S_IOERR => DeviceStatus::IoErr,
+        S_UNSUPP => DeviceStatus::Unsupp,
+        S_PRESET => DeviceStatus::NotWritten,
+        v => DeviceStatus::Other(v),
+    })
 }
 
 fn round_up(v: usize, to: usize) -> usize {
@@ -243,6 +269,7 @@ impl<T: Transport> BlkQueue<T> {
             notifier,
             event,
             unpublished: false,
+            failed: false,
             dead: None,
             broken: None,
             io_timeout: options.io_timeout,
@@ -290,9 +317,11 @@ impl<T: Transport> BlkQueue<T> {
 
     // ---- validation -------------------------------------------------------
 
+    #[inline]
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        let bs = u64::from(self.limits.block_size);
-        if len == 0 || offset % bs != 0 || len % bs != 0 {
+        // The block size is a power of two (checked at open).
+        let mask = u64::from(self.limits.block_size) - 1;
+        if len == 0 || (offset | len) & mask != 0 {
             return Err(BlkError::Misaligned { offset, len, block_size: self.limits.block_size });
         }
         match offset.checked_add(len) {
@@ -301,6 +330,7 @@ impl<T: Transport> BlkQueue<T> {
         }
     }
 
+    #[inline]
     fn check_writable(&self) -> Result<()> {
         if self.limits.features.contains(BlkFeatures::RO) {
             return Err(BlkError::ReadOnly);
@@ -334,7 +364,28 @@ impl<T: Transport> BlkQueue<T> {
         Ok(total)
     }
 
+    #[inline]
     fn check_live(&self) -> Result<()> {
+        if self.failed || self.vq.broken().is_some() {
+            return Err(self.dead_error());
+        }
+        Ok(())
+    }
+
+    /// Why the queue refuses requests (a dead transport or a broken ring).
+    #[cold]
+    #[inline(never)]
+    fn dead_error(&self) -> BlkError {
+        match self.check_dead() {
+            Err(e) => e,
+            // Not reached: `failed` is only set with `dead` or `broken`.
+            Ok(()) => {
+                BlkError::Transport(Error::new(self.name, Step::Queue(self.index), Cause::Protocol("failed".into())))
+            }
+        }
+    }
+
+    fn check_dead(&self) -> Result<()> {
         if let Some((name, msg)) = &self.dead {
             return Err(BlkError::Transport(Error::new(
                 name,
@@ -364,77 +415,137 @@ impl<T: Transport> BlkQueue<T> {
 
     // ---- submission -------------------------------------------------------
 
-    /// Adds the chain prepared in `self.readable` / `self.writable` (data
-    /// buffers only; header, segment, ID and status are added here).
+    /// The next free request id, if the queue is usable and not full.
+    #[inline]
+    fn next_id(&self) -> Result<u16> {
+        self.check_live()?;
+        match self.free.last() {
+            Some(&id) => Ok(id),
+            None => Err(BlkError::QueueFull),
+        }
+    }
+
+    /// Writes request `id`'s header and presets its status byte: three
+    /// 8-byte stores into its area (the status word holds only the status
+    /// byte; the ID buffer starts after it).
+    #[inline]
+    fn write_header(&self, id: u16, ty: u32, sector: u64) {
+        let area = id as usize * AREA;
+        // In bounds: `id` is below the queue size and `areas` holds one area
+        // per id; if it were not, nothing would be written and the request
+        // would complete as "status not written".
+        self.areas.write_le_u64(area + A_HDR, u64::from(ty));
+        self.areas.write_le_u64(area + A_HDR + 8, sector);
+        self.areas.write_le_u64(area + A_STATUS, u64::from(S_PRESET));
+    }
+
+    /// Records a request added to the ring under `id`.
+    #[inline]
+    fn commit(&mut self, id: u16, kind: RequestKind, tag: u64, internal: bool, bufs: Bufs) {
+        self.free.pop();
+        if let Some(r) = self.reqs.get_mut(id as usize) {
+            r.tag = tag;
+            r.kind = kind;
+            r.internal = internal;
+            r.bufs = bufs;
+        }
+        self.unpublished = true;
+    }
+
+    /// Adds a read or write of one data buffer: the hot path, with the chain
+    /// built on the stack.
+    #[inline(always)]
+    fn enqueue_one(&mut self, write: bool, sector: u64, data: Buffer, tag: u64, internal: bool) -> Result<u16> {
+        let id = self.next_id()?;
+        let iova = self.areas_iova + (id as usize * AREA) as u64;
+        let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
+        self.write_header(id, ty, sector);
+        let header = Buffer::new(iova + A_HDR as u64, HEADER_LEN as u32);
+        let status = Buffer::new(iova + A_STATUS as u64, 1);
+        let added = if write {
+            self.vq.add(&[header, data], &[status], id)
+        } else {
+            self.vq.add(&[header], &[data, status], id)
+        };
+        added.map_err(|e| BlkError::from(e.error))?;
+        self.commit(id, kind, tag, internal, Bufs::None);
+        Ok(id)
+    }
+
+    /// Adds any request: header, `data` (device-readable for a write, else
+    /// device-writable), the discard-like `segment`, the ID buffer of a
+    /// GET_ID and the status byte.
+    #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &mut self,
         kind: RequestKind,
         ty: u32,
         sector: u64,
+        data: Data<'_>,
         segment: Option<(u64, u32, u32)>,
         tag: u64,
         internal: bool,
     ) -> Result<u16> {
-        let id = match self.check_live().and_then(|()| self.free.last().copied().ok_or(BlkError::QueueFull)) {
-            Ok(id) => id,
-            Err(e) => {
-                self.readable.clear();
-                self.writable.clear();
-                return Err(e);
-            }
-        };
+        let id = self.next_id()?;
         let area = id as usize * AREA;
         let iova = self.areas_iova + area as u64;
-        self.areas.write_bytes(area + A_HDR, &header(ty, sector));
-        self.areas.write_bytes(area + A_STATUS, &[S_PRESET]);
-        self.readable.insert(0, Buffer::new(iova + A_HDR as u64, 16));
+        self.write_header(id, ty, sector);
+        let write = kind == RequestKind::Write;
+        let (readable, writable) = (&mut self.readable, &mut self.writable);
+        readable.clear();
+        writable.clear();
+        readable.push(Buffer::new(iova + A_HDR as u64, HEADER_LEN as u32));
+        let dir = if write { &mut *readable } else { &mut *writable };
+        match data {
+            Data::None => {}
+            Data::Many(bufs) => dir.extend(bufs.iter().map(|b| Buffer::new(b.iova(), b.len() as u32))),
+        }
         if let Some((s, n, flags)) = segment {
             self.areas.write_bytes(area + A_SEG, &seg_bytes(s, n, flags));
-            self.readable.push(Buffer::new(iova + A_SEG as u64, 16));
+            readable.push(Buffer::new(iova + A_SEG as u64, SEGMENT_LEN as u32));
         }
         if kind == RequestKind::GetId {
-            self.writable.push(Buffer::new(iova + A_ID as u64, ID_LEN as u32));
+            writable.push(Buffer::new(iova + A_ID as u64, ID_LEN as u32));
         }
-        self.writable.push(Buffer::new(iova + A_STATUS as u64, 1));
-        let added = self.vq.add(&self.readable, &self.writable, id);
-        self.readable.clear();
-        self.writable.clear();
+        writable.push(Buffer::new(iova + A_STATUS as u64, 1));
+        let added = self.vq.add(readable, writable, id);
         added.map_err(|e| BlkError::from(e.error))?;
-        self.free.pop();
-        if let Some(r) = self.reqs.get_mut(id as usize) {
-            r.tag = tag;
-            r.kind = Some(kind);
-            r.internal = internal;
-        }
-        self.unpublished = true;
+        self.commit(id, kind, tag, internal, Bufs::None);
         Ok(id)
     }
 
+    #[inline(always)]
     fn attach(&mut self, id: u16, bufs: Bufs) {
         if let Some(r) = self.reqs.get_mut(id as usize) {
             r.bufs = bufs;
         }
     }
 
+    /// The checks of a one-buffer read or write, in the order of
+    /// [`BlkQueue::check_segments`] for one segment.
+    #[inline]
+    fn check_one(&self, offset: u64, len: u64, write: bool) -> Result<()> {
+        if write {
+            self.check_writable()?;
+        }
+        if len > self.limits.size_max {
+            return Err(BlkError::SegmentTooLarge { len, max: self.limits.size_max });
+        }
+        if len > u64::from(u32::MAX) - 64 {
+            return Err(BlkError::SegmentTooLarge { len, max: u64::from(u32::MAX) - 64 });
+        }
+        self.check_range(offset, len)
+    }
+
+    #[inline]
     fn submit_one(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
-        let checks = || -> Result<()> {
-            if write {
-                self.check_writable()?;
-            }
-            let total = self.check_segments(std::iter::once(&buf))?;
-            self.check_range(offset, total)
-        };
-        if let Err(error) = checks() {
+        let len = buf.len() as u64;
+        if let Err(error) = self.check_one(offset, len, write) {
             return Err(Rejected { error, bufs: buf });
         }
-        let b = Buffer::new(buf.iova(), buf.len() as u32);
-        if write {
-            self.readable.push(b)
-        } else {
-            self.writable.push(b)
-        }
-        let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
-        match self.enqueue(kind, ty, offset / SECTOR, None, tag, false) {
+        // `len` fits in 32 bits (checked above).
+        let data = Buffer::new(buf.iova(), len as u32);
+        match self.enqueue_one(write, offset / SECTOR, data, tag, false) {
             Ok(id) => {
                 self.attach(id, Bufs::One(buf));
                 Ok(())
@@ -460,16 +571,8 @@ impl<T: Transport> BlkQueue<T> {
         if let Err(error) = checks() {
             return Err(Rejected { error, bufs });
         }
-        for buf in &bufs {
-            let b = Buffer::new(buf.iova(), buf.len() as u32);
-            if write {
-                self.readable.push(b)
-            } else {
-                self.writable.push(b)
-            }
-        }
         let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
-        match self.enqueue(kind, ty, offset / SECTOR, None, tag, false) {
+        match self.enqueue(kind, ty, offset / SECTOR, Data::Many(&bufs), None, tag, false) {
             Ok(id) => {
                 self.attach(id, Bufs::Many(bufs));
                 Ok(())
@@ -531,32 +634,25 @@ impl<T: Transport> BlkQueue<T> {
             return Err(BlkError::SegmentTooLarge { len: len.into(), max: self.limits.size_max });
         }
         self.check_range(offset, len.into())?;
-        let b = Buffer::new(iova, len);
-        if write {
-            self.readable.push(b)
-        } else {
-            self.writable.push(b)
-        }
-        let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
-        self.enqueue(kind, ty, offset / SECTOR, None, tag, false).map(drop)
+        self.enqueue_one(write, offset / SECTOR, Buffer::new(iova, len), tag, false).map(drop)
     }
 
     /// Flushes the device's write cache (VIRTIO_BLK_F_FLUSH).
     pub fn submit_flush(&mut self, tag: u64) -> Result<()> {
         self.check_feature(BlkFeatures::FLUSH)?;
-        self.enqueue(RequestKind::Flush, T_FLUSH, 0, None, tag, false).map(drop)
+        self.enqueue(RequestKind::Flush, T_FLUSH, 0, Data::None, None, tag, false).map(drop)
     }
 
     /// Asks for the device ID (20 bytes, in [`Completion::id`]).
     pub fn submit_get_id(&mut self, tag: u64) -> Result<()> {
-        self.enqueue(RequestKind::GetId, T_GET_ID, 0, None, tag, false).map(drop)
+        self.enqueue(RequestKind::GetId, T_GET_ID, 0, Data::None, None, tag, false).map(drop)
     }
 
     /// Discards `len` bytes at byte `offset` (VIRTIO_BLK_F_DISCARD).
     pub fn submit_discard(&mut self, offset: u64, len: u64, tag: u64) -> Result<()> {
         self.check_discard_like(offset, len, BlkFeatures::DISCARD, self.limits.max_discard_sectors)?;
         let seg = (offset / SECTOR, (len / SECTOR) as u32, 0);
-        self.enqueue(RequestKind::Discard, T_DISCARD, 0, Some(seg), tag, false).map(drop)
+        self.enqueue(RequestKind::Discard, T_DISCARD, 0, Data::None, Some(seg), tag, false).map(drop)
     }
 
     /// Writes zeroes over `len` bytes at byte `offset`, letting the device
@@ -564,14 +660,14 @@ impl<T: Transport> BlkQueue<T> {
     pub fn submit_write_zeroes(&mut self, offset: u64, len: u64, unmap: bool, tag: u64) -> Result<()> {
         self.check_discard_like(offset, len, BlkFeatures::WRITE_ZEROES, self.limits.max_write_zeroes_sectors)?;
         let seg = (offset / SECTOR, (len / SECTOR) as u32, if unmap { WRITE_ZEROES_FLAG_UNMAP } else { 0 });
-        self.enqueue(RequestKind::WriteZeroes, T_WRITE_ZEROES, 0, Some(seg), tag, false).map(drop)
+        self.enqueue(RequestKind::WriteZeroes, T_WRITE_ZEROES, 0, Data::None, Some(seg), tag, false).map(drop)
     }
 
     /// Securely erases `len` bytes at byte `offset` (VIRTIO_BLK_F_SECURE_ERASE).
     pub fn submit_secure_erase(&mut self, offset: u64, len: u64, tag: u64) -> Result<()> {
         self.check_discard_like(offset, len, BlkFeatures::SECURE_ERASE, self.limits.max_secure_erase_sectors)?;
         let seg = (offset / SECTOR, (len / SECTOR) as u32, 0);
-        self.enqueue(RequestKind::SecureErase, T_SECURE_ERASE, 0, Some(seg), tag, false).map(drop)
+        self.enqueue(RequestKind::SecureErase, T_SECURE_ERASE, 0, Data::None, Some(seg), tag, false).map(drop)
     }
 
     /// Makes the requests submitted since the last call visible to the
@@ -601,27 +697,32 @@ impl<T: Transport> BlkQueue<T> {
 
     // ---- completion -------------------------------------------------------
 
+    #[inline]
     fn complete(&mut self, used: Used<u16>) -> Completion {
         let id = used.token;
         let area = id as usize * AREA;
-        let mut status = [S_PRESET];
-        self.areas.read_bytes(area + A_STATUS, &mut status);
-        let result = match status[0] {
+        // The status byte is the low byte of its little-endian word (the rest
+        // of the word is padding nobody writes). Unreadable: not written.
+        let status = self.areas.read_le_u64(area + A_STATUS).map_or(S_PRESET, |w| w as u8);
+        let result = match status {
             S_OK => Ok(()),
-            S_IOERR => Err(BlkError::Device(DeviceStatus::IoErr)),
-            S_UNSUPP => Err(BlkError::Device(DeviceStatus::Unsupp)),
-            S_PRESET => Err(BlkError::Device(DeviceStatus::NotWritten)),
-            v => Err(BlkError::Device(DeviceStatus::Other(v))),
+            other => Err(status_error(other)),
         };
-        let r = self.reqs.get_mut(id as usize).map(std::mem::take).unwrap_or_default();
-        let kind = r.kind.unwrap_or(RequestKind::Read);
-        let id_bytes = (kind == RequestKind::GetId && result.is_ok()).then(|| {
-            let mut b = [0u8; ID_LEN];
-            self.areas.read_bytes(area + A_ID, &mut b);
-            b
-        });
+        let (tag, kind, internal, bufs) = match self.reqs.get_mut(id as usize) {
+            Some(r) => (r.tag, r.kind, r.internal, std::mem::take(&mut r.bufs)),
+            None => (0, RequestKind::Read, false, Bufs::None),
+        };
+        let id_bytes = if kind == RequestKind::GetId && result.is_ok() { Some(self.read_id(area)) } else { None };
         self.free.push(id);
-        Completion { tag: r.tag, kind, result, bufs: r.bufs, id: id_bytes, internal: r.internal }
+        Completion { tag, kind, result, bufs, id: id_bytes, internal }
+    }
+
+    /// The device ID written into the area at `area`.
+    #[cold]
+    fn read_id(&self, area: usize) -> [u8; ID_LEN] {
+        let mut b = [0u8; ID_LEN];
+        self.areas.read_bytes(area + A_ID, &mut b);
+        b
     }
 
     /// Completes every request in flight with (a copy of) `err`, forgetting
@@ -632,6 +733,7 @@ impl<T: Transport> BlkQueue<T> {
             BlkError::Queue(e) if self.broken.is_none() => self.broken = Some(*e),
             _ => {}
         }
+        self.failed = self.dead.is_some() || self.broken.is_some();
         let mut ids = Vec::new();
         self.vq.reset(|id| ids.push(id));
         for id in ids {
@@ -650,7 +752,7 @@ impl<T: Transport> BlkQueue<T> {
             });
             self.ready.push_back(Completion {
                 tag: r.tag,
-                kind: r.kind.unwrap_or(RequestKind::Read),
+                kind: r.kind,
                 result,
                 bufs: r.bufs,
                 id: None,
@@ -662,23 +764,31 @@ impl<T: Transport> BlkQueue<T> {
 
     /// Pops one completion from the ring (no system call), after publishing
     /// what was submitted.
+    #[inline]
     fn pop_ring(&mut self) -> Option<Completion> {
-        let _ = self.publish();
+        if self.unpublished {
+            let _ = self.publish();
+        }
         match self.vq.pop_used() {
             Ok(Some(used)) => Some(self.complete(used)),
             Ok(None) => None,
-            Err(e) => {
-                self.fail_all(&BlkError::Queue(e));
-                self.ready.pop_front()
-            }
+            Err(e) => self.ring_broken(e),
         }
+    }
+
+    /// The device broke the ring: fail everything in flight, return the first.
+    #[cold]
+    #[inline(never)]
+    fn ring_broken(&mut self, e: virtio_queue_core::Error) -> Option<Completion> {
+        self.fail_all(&BlkError::Queue(e));
+        self.ready.pop_front()
     }
 
     /// The next finished request, if any, without waiting or making a system
     /// call (other than a kick for requests not yet published).
     pub fn poll(&mut self) -> Option<Completion> {
-        if let Some(c) = self.ready.pop_front() {
-            return Some(c);
+        if !self.ready.is_empty() {
+            return self.ready.pop_front();
         }
         self.pop_ring()
     }
@@ -770,8 +880,8 @@ impl<T: Transport> BlkQueue<T> {
         let mut done = 0usize;
         while done < buf.len() {
             let n = chunk.min(buf.len() - done);
-            self.writable.push(Buffer::new(self.bounce_iova, n as u32));
-            self.enqueue(RequestKind::Read, T_IN, (offset + done as u64) / SECTOR, None, 0, true)?;
+            let data = Buffer::new(self.bounce_iova, n as u32);
+            self.enqueue_one(false, (offset + done as u64) / SECTOR, data, 0, true)?;
             self.publish()?;
             self.wait_internal()?;
             if let Some(out) = buf.get_mut(done..done + n) {
@@ -794,8 +904,8 @@ impl<T: Transport> BlkQueue<T> {
             if let Some(src) = buf.get(done..done + n) {
                 self.bounce.write_bytes(0, src);
             }
-            self.readable.push(Buffer::new(self.bounce_iova, n as u32));
-            self.enqueue(RequestKind::Write, T_OUT, (offset + done as u64) / SECTOR, None, 0, true)?;
+            let data = Buffer::new(self.bounce_iova, n as u32);
+            self.enqueue_one(true, (offset + done as u64) / SECTOR, data, 0, true)?;
             self.publish()?;
             self.wait_internal()?;
             done += n;
@@ -806,14 +916,14 @@ impl<T: Transport> BlkQueue<T> {
     /// Flushes and waits.
     pub fn flush(&mut self) -> Result<()> {
         self.check_feature(BlkFeatures::FLUSH)?;
-        self.enqueue(RequestKind::Flush, T_FLUSH, 0, None, 0, true)?;
+        self.enqueue(RequestKind::Flush, T_FLUSH, 0, Data::None, None, 0, true)?;
         self.publish()?;
         self.wait_internal()
     }
 
     /// Reads the device ID and waits.
     pub fn get_id(&mut self) -> Result<[u8; ID_LEN]> {
-        let id = self.enqueue(RequestKind::GetId, T_GET_ID, 0, None, 0, true)?;
+        let id = self.enqueue(RequestKind::GetId, T_GET_ID, 0, Data::None, None, 0, true)?;
         self.publish()?;
         self.wait_internal()?;
         let mut b = [0u8; ID_LEN];

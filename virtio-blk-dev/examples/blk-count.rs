@@ -1,0 +1,103 @@
+//! Runs `BlkQueue` requests against the loopback RAM disk once, for
+//! instruction counting of the driver side only:
+//!
+//! ```text
+//! valgrind --tool=callgrind --toggle-collect='*driver_side*' \
+//!     target/release/examples/blk-count split 32 4000
+//! ```
+//!
+//! Each round submits `BATCH` 4 KiB reads (`submit_read` of an owned
+//! `DmaBuf`), publishes them, lets the device serve them (`process()`, in this
+//! thread but outside the counted functions) and polls every completion,
+//! taking the buffers back. Queue size 256, EVENT_IDX, direct descriptors,
+//! split or packed. `cargo xtask bench` runs it at two request counts per case
+//! and divides the difference, so start-up cost cancels out.
+
+use std::hint::black_box;
+
+use virtio_blk_dev::loopback::RamDisk;
+use virtio_blk_dev::{BlkDevice, BlkOptions, BlkQueue, Bufs, DmaBuf};
+use virtio_transport_api::loopback::{LoopbackTransport, ServiceMode};
+
+type Transport = LoopbackTransport<RamDisk>;
+
+const BLOCK: usize = 4096;
+/// Disk size in blocks; reads walk over it.
+const BLOCKS: u64 = 256;
+
+/// Submits `n` 4 KiB reads into buffers from `free` and publishes them.
+#[inline(never)]
+fn driver_side_submit(q: &mut BlkQueue<Transport>, free: &mut Vec<DmaBuf>, n: u32, next: &mut u64) {
+    for _ in 0..n {
+        let Some(buf) = free.pop() else { panic!("no free buffer") };
+        let tag = *next;
+        let offset = (tag % BLOCKS) * BLOCK as u64;
+        if let Err(r) = q.submit_read(offset, buf, tag) {
+            panic!("submit_read: {}", r.error);
+        }
+        *next += 1;
+    }
+    if let Err(e) = q.publish() {
+        panic!("publish: {e}");
+    }
+}
+
+/// Polls every completion, puts the buffers back; returns the sum of tags.
+#[inline(never)]
+fn driver_side_complete(q: &mut BlkQueue<Transport>, free: &mut Vec<DmaBuf>) -> u64 {
+    let mut sum = 0;
+    while let Some(c) = q.poll() {
+        let tag = c.tag;
+        c.result.unwrap_or_else(|e| panic!("request {tag}: {e}"));
+        sum += tag;
+        match c.bufs {
+            Bufs::One(b) => free.push(b),
+            _ => panic!("a read gives its one buffer back"),
+        }
+    }
+    sum
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: blk-count split|packed BATCH REQUESTS";
+    let (Some(format), Some(batch), Some(requests)) = (args.get(1), args.get(2), args.get(3)) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    let packed = match format.as_str() {
+        "split" => false,
+        "packed" => true,
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    };
+    let (Ok(batch), Ok(requests)) = (batch.parse::<u32>(), requests.parse::<u32>()) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    if !(1..=64).contains(&batch) {
+        eprintln!("batch must be 1..=64");
+        std::process::exit(2);
+    }
+    let transport = LoopbackTransport::new(RamDisk::new(BLOCKS * 8), ServiceMode::Manual);
+    let device = transport.handle();
+    let options =
+        BlkOptions { packed, event_idx: true, indirect: false, in_order: false, queue_size: 256, ..Default::default() };
+    let mut dev = BlkDevice::open(transport, options).expect("open the loopback RAM disk");
+    let mut free = dev.alloc_bufs(BLOCK, batch as usize).expect("buffers");
+    let mut q = dev.take_queue(0).expect("queue 0");
+    let (mut next, mut done, mut sum) = (0u64, 0u32, 0u64);
+    while done < requests {
+        let n = batch.min(requests - done);
+        driver_side_submit(&mut q, &mut free, n, &mut next);
+        let served = device.process().expect("the driver follows the ring protocol");
+        assert_eq!(served, n as usize);
+        sum += driver_side_complete(&mut q, &mut free);
+        done += n;
+    }
+    assert_eq!(free.len(), batch as usize, "every buffer came back");
+    assert_eq!(device.with_device(|d| d.violations()), 0);
+    println!("{}", black_box(sum));
+}
