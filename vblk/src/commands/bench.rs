@@ -444,3 +444,45 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         (first, n) => Err(format!("{n} requests failed; first: {}", first.as_deref().unwrap_or("unknown error"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn picker(rw: Rw, blocks: u64, first_block: u64) -> Picker {
+        let job = Job {
+            rw,
+            rwmixread: 70,
+            bs: 4096,
+            start: 1 << 20,
+            blocks,
+            first_block,
+            interrupt: false,
+            runtime: Duration::from_secs(1),
+            seed: 3,
+        };
+        Picker { job, rng: SplitMix64::new(job.seed), next: first_block }
+    }
+
+    #[test]
+    fn sequential_offsets_wrap_inside_the_range() {
+        let mut p = picker(Rw::Write, 3, 2);
+        let got: Vec<(u64, bool)> = (0..4).map(|_| p.pick()).collect();
+        let at = |b: u64| (1 << 20) + b * 4096;
+        assert_eq!(got, [(at(2), true), (at(0), true), (at(1), true), (at(2), true)]);
+    }
+
+    #[test]
+    fn random_offsets_are_aligned_in_range_and_mixed_as_asked() {
+        let mut p = picker(Rw::Randrw, 1000, 0);
+        let mut reads = 0;
+        for _ in 0..10_000 {
+            let (off, write) = p.pick();
+            assert!(((1 << 20)..(1 << 20) + 1000 * 4096).contains(&off) && off % 4096 == 0);
+            reads += u32::from(!write);
+        }
+        assert!((6500..7500).contains(&reads), "{reads}");
+        let mut p = picker(Rw::Randread, 1, 0);
+        assert_eq!(p.pick(), (1 << 20, false));
+    }
+}
