@@ -235,7 +235,7 @@ setup_pci() {
     echo vfio-pci > $dev/driver_override
     echo $bdf > /sys/bus/pci/drivers_probe
     [ -e /dev/vfio/$grp ] || { fail_setup pci "/dev/vfio/$grp missing after binding $bdf to vfio-pci"; return 1; }
-    say "device pci $dev driver=$(basename "$(readlink $dev/driver)") iommu_group=$grp features=$PCI_FEATURES"
+    say "device pci $dev driver=$(basename "$(readlink $dev/driver)") iommu_group=$grp features=$PCI_FEATURES uptime=$(up)"
     PCI_DEV=$dev
 }
 
@@ -268,7 +268,7 @@ setup_sim() {   # $1 = label, $2 = use_va (1 or 0)
     SIM_LOADED=1
     out=$(vdpa dev add mgmtdev vdpasim_blk name blk0 2>&1) || { fail_setup $1 "vdpa dev add mgmtdev vdpasim_blk: $out"; return 1; }
     SIM_NODE=$(vhost_node blk0) || { fail_setup $1 "no /dev/vhost-vdpa-* for blk0"; return 1; }
-    say "device $1 $SIM_NODE use_va=$(cat /sys/module/vdpa_sim/parameters/use_va)"
+    say "device $1 $SIM_NODE use_va=$(cat /sys/module/vdpa_sim/parameters/use_va) uptime=$(up)"
 }
 
 VDUSE_NODE=""
@@ -285,7 +285,7 @@ setup_vduse() {
     [ -e /dev/vduse/vduse0 ] || { fail_setup vduse "/dev/vduse/vduse0 did not appear: $(cat /tmp/qsd.log)"; return 1; }
     out=$(vdpa dev add mgmtdev vduse name vduse0 2>&1) || { fail_setup vduse "vdpa dev add mgmtdev vduse: $out"; return 1; }
     VDUSE_NODE=$(vhost_node vduse0) || { fail_setup vduse "no /dev/vhost-vdpa-* for vduse0"; return 1; }
-    say "device vduse $VDUSE_NODE"
+    say "device vduse $VDUSE_NODE uptime=$(up)"
 }
 teardown_vduse() {
     vdpa dev del vduse0 2>/dev/null
@@ -322,7 +322,7 @@ run_tests() {   # $1 = phase, then the test-name prefixes of this phase
         [ $verdict = PASS ] || sed 's/^/  | /' /tmp/test.out
         say "test $phase $t $verdict ${ms}ms exit=$rc"
     done
-    say "phase $phase tests=$n"
+    say "phase $phase tests=$n uptime=$(up)"
 }
 
 @PHASES@

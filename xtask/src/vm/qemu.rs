@@ -231,7 +231,7 @@ pub fn parse_serial(log: &str) -> SerialReport {
                 verdict: verdict.to_string(),
                 millis: millis.trim_end_matches("ms").parse().unwrap_or(0),
             }),
-            ["phase", phase, count] if count.starts_with("tests=") => {
+            ["phase", phase, count, ..] if count.starts_with("tests=") => {
                 report.phases.push((phase.to_string(), count["tests=".len()..].parse().unwrap_or(0)));
             }
             ["phase", _, "FAIL", ..] | ["setup", _, "FAIL", ..] => report.failures.push(rest.to_string()),
@@ -286,7 +286,7 @@ UVIRTIO-VM booted uptime=2.31 kernel=6.12.95+deb12-amd64\n\
 UVIRTIO-VM device pci /sys/bus/pci/devices/0000:00:01.0 driver=vfio-pci iommu_group=1\n\
 UVIRTIO-VM test va pci::is_modern_virtio_blk PASS 40ms exit=0\n\
 [    3.1] vfio-pci 0000:00:01.0: something UVIRTIO-VM test va vduse::answers_as_virtio_blk FAIL 120ms exit=101\n\
-UVIRTIO-VM phase va tests=2\n\
+UVIRTIO-VM phase va tests=2 uptime=4.5\n\
 UVIRTIO-VM setup VIRTIO_TEST_VDPA_SIM_PA FAIL insmod vdpa_sim use_va=0: File exists\n\
 UVIRTIO-VM phase pa tests=0\n\
 UVIRTIO-VM done uptime=5.80\n";
