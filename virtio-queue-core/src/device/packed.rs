@@ -59,6 +59,19 @@ impl<'a> PackedDevice<'a> {
         })
     }
 
+    /// A device over the packed ring of `cfg` that continues from the given
+    /// avail and used positions (each reduced modulo the queue size) and wrap
+    /// counters, instead of the reset state: for a back-end that is told where
+    /// a ring stands (vhost-user SET_VRING_BASE), or that rebuilds the model
+    /// for every batch of work from positions it keeps itself.
+    pub fn with_positions(cfg: DeviceConfig<'a>, avail: (u16, bool), used: (u16, bool)) -> Result<Self, ConfigError> {
+        let mut dev = Self::new(cfg)?;
+        // `new` checked the layout, whose queue size is never zero.
+        (dev.avail_pos, dev.avail_wrap) = (avail.0 % dev.size, avail.1);
+        (dev.used_pos, dev.used_wrap) = (used.0 % dev.size, used.1);
+        Ok(dev)
+    }
+
     /// The queue size.
     pub fn queue_size(&self) -> u16 {
         self.size
@@ -426,6 +439,34 @@ mod tests {
         let dev = PackedDevice::new(cfg(layout, mem, RingFeatures::empty(), &[])).unwrap();
         assert_eq!(dev.avail_position(), (0, true));
         assert_eq!(dev.used_position(), (0, true));
+    }
+
+    #[test]
+    fn continues_from_given_positions() {
+        let layout = RingLayout::packed(5).unwrap();
+        let l = lines_for(&layout);
+        let mem = SharedMemory::new(&l);
+        let mut drv = Drv::new(mem, layout);
+        // The driver is at position 3 of the second lap (wrap counter clear).
+        for id in 0..8 {
+            drv.add(id, &[(1, 1, 0)]);
+            drv.take_used(0);
+        }
+        let mut dev =
+            PackedDevice::with_positions(cfg(layout, mem, RingFeatures::empty(), &[]), (8, false), (3, false)).unwrap();
+        assert_eq!(dev.avail_position(), (3, false));
+        assert_eq!(dev.used_position(), (3, false));
+        // Nothing new yet: the chains before position 3 belong to the previous lap.
+        assert_eq!(dev.pop_avail(), Ok(None));
+        drv.used_pos = 3;
+        drv.used_wrap = false;
+        drv.add(9, &[(1, 1, 0), (2, 2, WRITE), (3, 3, WRITE)]);
+        let c = dev.pop_avail().unwrap().unwrap();
+        assert_eq!((c.id, c.ring_descs), (9, 3));
+        assert_eq!(dev.avail_position(), (1, true));
+        dev.push_used(&c, 5);
+        assert!(dev.publish_used());
+        assert_eq!(drv.take_used(3), Some((9, 5)));
     }
 
     #[test]
