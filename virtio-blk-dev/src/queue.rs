@@ -366,7 +366,10 @@ impl<T: Transport> BlkQueue<T> {
 
     #[inline]
     fn check_live(&self) -> Result<()> {
-        if self.failed || self.vq.broken().is_some() {
+        // A ring the device broke sets `failed` too (every queue operation
+        // that can see a device error goes through `fail_all`), and the core
+        // queue refuses chains on a broken ring anyway.
+        if self.failed {
             return Err(self.dead_error());
         }
         Ok(())
@@ -528,13 +531,17 @@ impl<T: Transport> BlkQueue<T> {
         if write {
             self.check_writable()?;
         }
-        if len > self.limits.size_max {
-            return Err(BlkError::SegmentTooLarge { len, max: self.limits.size_max });
-        }
-        if len > u64::from(u32::MAX) - 64 {
-            return Err(BlkError::SegmentTooLarge { len, max: u64::from(u32::MAX) - 64 });
+        if len > self.limits.size_max || len > u64::from(u32::MAX) - 64 {
+            return Err(self.segment_too_large(len));
         }
         self.check_range(offset, len)
+    }
+
+    /// The error for one segment of `len` bytes, over `size_max` or 4 GiB.
+    #[cold]
+    fn segment_too_large(&self, len: u64) -> BlkError {
+        let max = if len > self.limits.size_max { self.limits.size_max } else { u64::from(u32::MAX) - 64 };
+        BlkError::SegmentTooLarge { len, max }
     }
 
     #[inline]
@@ -583,11 +590,13 @@ impl<T: Transport> BlkQueue<T> {
 
     /// Reads `buf.len()` bytes at byte `offset` into `buf`. The buffer comes
     /// back in the [`Completion`] (or with the error if it was refused).
+    #[inline]
     pub fn submit_read(&mut self, offset: u64, buf: DmaBuf, tag: u64) -> Result<(), Rejected<DmaBuf>> {
         self.submit_one(offset, buf, tag, false)
     }
 
     /// Writes `buf` at byte `offset`.
+    #[inline]
     pub fn submit_write(&mut self, offset: u64, buf: DmaBuf, tag: u64) -> Result<(), Rejected<DmaBuf>> {
         self.submit_one(offset, buf, tag, true)
     }
@@ -786,6 +795,7 @@ impl<T: Transport> BlkQueue<T> {
 
     /// The next finished request, if any, without waiting or making a system
     /// call (other than a kick for requests not yet published).
+    #[inline]
     pub fn poll(&mut self) -> Option<Completion> {
         if !self.ready.is_empty() {
             return self.ready.pop_front();

@@ -111,6 +111,23 @@ const BENCH_CHECK_BATCH: u32 = 32;
 /// Instruction budget per request at [`BENCH_CHECK_BATCH`], per ring format.
 const BENCH_BUDGETS: &[(&str, f64)] = &[("split", 120.0), ("packed", 150.0)];
 
+/// The crate, example and feature of the `BlkQueue` count that `bench` runs after the ring's:
+/// 4 KiB `submit_read`s of owned `DmaBuf`s, `publish`, `poll`, against the loopback RAM disk.
+const BLK_CRATE: &str = "virtio-blk-dev";
+/// See [`BLK_CRATE`].
+const BLK_EXAMPLE: &str = "blk-count";
+/// See [`BLK_CRATE`].
+const BLK_FEATURES: &str = "loopback";
+
+/// Issue 3's targets for `BlkQueue` per request at [`BENCH_CHECK_BATCH`] (`virtio-driver`
+/// 0.6.1 spends 357 split and 479 packed).
+const BLK_TARGETS: &[(&str, f64)] = &[("split", 180.0), ("packed", 220.0)];
+
+/// Whether `bench --check` fails when a `BlkQueue` figure is over [`BLK_TARGETS`]. Off while
+/// the targets are not met yet (see virtio-blk-dev/README.md), so `test-and-fuzz` stays a
+/// regression gate for the ring budgets; the table marks every figure over its target.
+const BLK_TARGETS_ENFORCED: bool = false;
+
 /// Errors are human-readable messages; the commands themselves already streamed their output.
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -662,7 +679,8 @@ impl Drop for TempDir {
 }
 
 /// `cargo xtask bench [--check]`: builds the `ring-count` example, measures every
-/// format × mode × batch under callgrind, prints a table, and with `check` enforces the budget.
+/// format × mode × batch under callgrind, prints a table, and with `check` enforces the budget;
+/// then the same for `BlkQueue` ([`bench_blk`]).
 fn bench(root: &Path, check: bool) -> Result {
     Cmd::cargo(["build", "--release", "-p", CORE, "--features", "device-model", "--example", BENCH_EXAMPLE])
         .run_in(root)?;
@@ -677,26 +695,11 @@ fn bench(root: &Path, check: bool) -> Result {
         for mode in BENCH_MODES {
             for &batch in BENCH_BATCHES {
                 let [low, high] = BENCH_REQUESTS;
-                let ir_low = callgrind_ir(&binary, &tmp.0, format, mode, batch, low, root)?;
-                let ir_high = callgrind_ir(&binary, &tmp.0, format, mode, batch, high, root)?;
-                if ir_low == 0 || ir_high == 0 {
-                    return Err(format!(
-                        "callgrind counted 0 instructions for {format} {mode} batch {batch}: \
-                         no function matching `{BENCH_COLLECT}` ran (inlined or renamed?)"
-                    ));
-                }
-                if ir_high < ir_low {
-                    return Err(format!(
-                        "{format} {mode} batch {batch}: {high} requests took fewer instructions \
-                         ({ir_high}) than {low} requests ({ir_low})"
-                    ));
-                }
-                rows.push(BenchRow {
-                    format,
-                    mode,
-                    batch,
-                    per_request: (ir_high - ir_low) as f64 / (high - low) as f64,
-                });
+                let args = |n: u64| [format.to_string(), mode.to_string(), batch.to_string(), n.to_string()];
+                let ir_low = callgrind_ir(&binary, &tmp.0, &args(low), root)?;
+                let ir_high = callgrind_ir(&binary, &tmp.0, &args(high), root)?;
+                let per_request = per_request(&format!("{format} {mode} batch {batch}"), [ir_low, ir_high])?;
+                rows.push(BenchRow { format, mode, batch, per_request });
             }
         }
     }
@@ -719,8 +722,12 @@ fn bench(root: &Path, check: bool) -> Result {
             row.format, row.mode, row.batch, row.per_request
         );
     }
+    let blk_over = bench_blk(root, &tmp.0)?;
     if check && !over.is_empty() {
         return Err(format!("instructions per request over budget: {}", over.join("; ")));
+    }
+    if check && BLK_TARGETS_ENFORCED && !blk_over.is_empty() {
+        return Err(format!("BlkQueue instructions per request over target: {}", blk_over.join("; ")));
     }
     if check {
         println!("instruction budget met");
@@ -728,32 +735,78 @@ fn bench(root: &Path, check: bool) -> Result {
     Ok(())
 }
 
-/// Runs the bench example once under callgrind and returns the Ir total of the collected
-/// (driver-side) functions.
-fn callgrind_ir(
-    binary: &Path,
-    tmp: &Path,
-    format: &str,
-    mode: &str,
-    batch: u32,
-    requests: u64,
-    root: &Path,
-) -> Result<u64> {
-    let out_file = tmp.join(format!("callgrind.{format}.{mode}.{batch}.{requests}.out"));
-    Cmd::new(
-        "valgrind",
-        [
-            "--tool=callgrind".to_string(),
-            format!("--callgrind-out-file={}", out_file.display()),
-            format!("--toggle-collect={BENCH_COLLECT}"),
-            binary.display().to_string(),
-            format.to_string(),
-            mode.to_string(),
-            batch.to_string(),
-            requests.to_string(),
-        ],
-    )
-    .run_in(root)?;
+/// Instructions per request from the counts at the two [`BENCH_REQUESTS`] request counts.
+fn per_request(what: &str, [ir_low, ir_high]: [u64; 2]) -> Result<f64> {
+    let [low, high] = BENCH_REQUESTS;
+    if ir_low == 0 || ir_high == 0 {
+        return Err(format!(
+            "callgrind counted 0 instructions for {what}: \
+             no function matching `{BENCH_COLLECT}` ran (inlined or renamed?)"
+        ));
+    }
+    if ir_high < ir_low {
+        return Err(format!(
+            "{what}: {high} requests took fewer instructions ({ir_high}) than {low} requests ({ir_low})"
+        ));
+    }
+    Ok((ir_high - ir_low) as f64 / (high - low) as f64)
+}
+
+/// The `BlkQueue` part of `bench`: builds [`BLK_EXAMPLE`], measures split and packed at every
+/// batch size, prints a table against [`BLK_TARGETS`] and returns the figures over target.
+fn bench_blk(root: &Path, tmp: &Path) -> Result<Vec<String>> {
+    Cmd::cargo(["build", "--release", "-p", BLK_CRATE, "--features", BLK_FEATURES, "--example", BLK_EXAMPLE])
+        .run_in(root)?;
+    let binary = target_dir(root)?.join("release").join("examples").join(BLK_EXAMPLE);
+    if !binary.is_file() {
+        return Err(format!("built {BLK_EXAMPLE} but {} is missing", binary.display()));
+    }
+    let mut rows = Vec::new();
+    for &format in BENCH_FORMATS {
+        for &batch in BENCH_BATCHES {
+            let [low, high] = BENCH_REQUESTS;
+            let args = |n: u64| [format.to_string(), batch.to_string(), n.to_string()];
+            let ir_low = callgrind_ir(&binary, tmp, &args(low), root)?;
+            let ir_high = callgrind_ir(&binary, tmp, &args(high), root)?;
+            rows.push((format, batch, per_request(&format!("BlkQueue {format} batch {batch}"), [ir_low, ir_high])?));
+        }
+    }
+    println!();
+    println!("BlkQueue: 4 KiB submit_read + publish + poll, loopback RAM disk ({BLK_CRATE}/examples/{BLK_EXAMPLE})");
+    println!("{:<8}  {:>5}  {:>13}  {:>6}", "format", "batch", "instr/request", "target");
+    let mut over = Vec::new();
+    for &(format, batch, per_request) in &rows {
+        let target =
+            if batch == BENCH_CHECK_BATCH { BLK_TARGETS.iter().find(|(f, _)| *f == format).map(|t| t.1) } else { None };
+        let target_text = target.map_or_else(|| "-".to_string(), |t| format!("{t:.0}"));
+        let flag = match target {
+            Some(t) if per_request > t => {
+                over.push(format!("{format} batch {batch}: {per_request:.1} > {t:.0}"));
+                "  OVER TARGET"
+            }
+            _ => "",
+        };
+        println!("{format:<8}  {batch:>5}  {per_request:>13.1}  {target_text:>6}{flag}");
+    }
+    if !over.is_empty() && !BLK_TARGETS_ENFORCED {
+        println!("BlkQueue targets not met yet and not enforced (BLK_TARGETS_ENFORCED in xtask/src/main.rs)");
+    }
+    Ok(over)
+}
+
+/// Runs a bench example once under callgrind with `args` and returns the Ir total of the
+/// collected (driver-side) functions.
+fn callgrind_ir(binary: &Path, tmp: &Path, args: &[String], root: &Path) -> Result<u64> {
+    let name = binary.file_name().map_or_else(|| "bench".into(), |n| n.to_string_lossy().into_owned());
+    let out_file = tmp.join(format!("callgrind.{name}.{}.out", args.join(".")));
+    let mut argv = vec![
+        "--tool=callgrind".to_string(),
+        format!("--callgrind-out-file={}", out_file.display()),
+        format!("--toggle-collect={BENCH_COLLECT}"),
+        binary.display().to_string(),
+    ];
+    argv.extend(args.iter().cloned());
+    Cmd::new("valgrind", argv).run_in(root)?;
     let text = fs::read_to_string(&out_file).map_err(|e| format!("cannot read {}: {e}", out_file.display()))?;
     parse_callgrind_ir(&text).map_err(|e| format!("{}: {e}", out_file.display()))
 }
