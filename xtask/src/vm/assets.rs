@@ -169,6 +169,9 @@ fn version_key(kver: &str) -> Vec<u64> {
     kver.split(['.', '-', '+']).map_while(|part| part.parse().ok()).collect()
 }
 
+/// Stamp file inside a cached tree that a step finished.
+const STEP_DONE: &str = ".uvirtio-step-done";
+
 /// The private apt configuration for bookworm-backports (no change to `/etc/apt`).
 struct PrivateApt {
     dir: PathBuf,
@@ -321,14 +324,16 @@ pub fn ensure_kernel_assets(cache: &Path, kver: &str, t: &mut Timings) -> Result
     let deb = |name: &str| find_deb(&debs, name).ok_or_else(|| format!("{name}_*.deb missing in {}", debs.display()));
 
     timed(t, "extract kernel + headers", || {
+        // Each tree gets a stamp when it is whole, so an interrupted run starts it over.
         let kernel = assets.kernel_root();
-        if !assets.vmlinuz().is_file() {
+        if !kernel.join(STEP_DONE).is_file() {
             remove_dir(&kernel)?;
             Cmd::new("dpkg", ["-x".to_string(), path_str(&deb(&packages[0])?), path_str(&kernel)]).run_in(dir)?;
+            write(&kernel.join(STEP_DONE), "")?;
         }
         let hdr = dir.join("hdr");
         let hdr_tree = hdr.join("usr/src").join(format!("linux-headers-{kver}"));
-        if !hdr_tree.join("Makefile").is_file() {
+        if !hdr.join(STEP_DONE).is_file() {
             remove_dir(&hdr)?;
             for name in &packages[1..4] {
                 Cmd::new("dpkg", ["-x".to_string(), path_str(&deb(name)?), path_str(&hdr)]).run_in(dir)?;
@@ -341,13 +346,14 @@ pub fn ensure_kernel_assets(cache: &Path, kver: &str, t: &mut Timings) -> Result
                 return Err(format!("{}: no `include /usr/src/` line to fix", makefile.display()));
             }
             write(&makefile, &fixed)?;
+            write(&hdr.join(STEP_DONE), "")?;
         }
         Ok(())
     })?;
 
     let sim = dir.join("vdpasim");
     timed(t, "build vringh/vdpa_sim/vdpa_sim_blk", || {
-        if sim.join("vdpa_sim_blk.ko").is_file() {
+        if sim.join(STEP_DONE).is_file() {
             return Ok(());
         }
         let src = dir.join("src");
@@ -398,7 +404,8 @@ pub fn ensure_kernel_assets(cache: &Path, kver: &str, t: &mut Timings) -> Result
         let mut args = vec!["--strip-debug".to_string()];
         args.extend(kos);
         Cmd::new("strip", args).run_in(dir)?;
-        remove_dir(&src) // the 1.4 GB-unpacked source tarball is not needed any more
+        remove_dir(&src)?; // the 151 MB source tarball is not needed any more
+        write(&sim.join(STEP_DONE), "")
     })?;
 
     timed(t, "depmod", || {
@@ -517,6 +524,30 @@ mod tests {
             fix_headers_makefile(text, Path::new("/c/hdr")),
             "include /c/hdr/usr/src/linux-headers-6.12.95+deb12-common/Makefile\n"
         );
+    }
+
+    #[test]
+    fn install_command_is_exact() {
+        assert_eq!(
+            apt_install_cmd(&["qemu-system-x86", "kmod"]).display(),
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 kmod"
+        );
+        // Every package is checked either by a program or by dpkg.
+        assert!(HOST_PACKAGES.iter().any(|p| p.package == "busybox-static" && p.program.is_none()));
+    }
+
+    #[test]
+    fn cached_kernel_needs_the_stamp() {
+        let dir = std::env::temp_dir().join(format!("uvirtio-vm-cache-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let assets = KernelAssets::new(&dir, "6.12.95+deb12-amd64");
+        let boot = assets.kernel_root().join("boot");
+        assert!(mkdir(&boot).is_ok());
+        assert!(fs::write(assets.vmlinuz(), b"k").is_ok());
+        assert_eq!(cached_kernel(&dir), None, "no stamp yet");
+        assert!(fs::write(assets.stamp(), b"").is_ok());
+        assert_eq!(cached_kernel(&dir).as_deref(), Some("6.12.95+deb12-amd64"));
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
