@@ -256,6 +256,9 @@ pub struct ServeArgs {
     /// Device id returned by GET_ID (at most 20 bytes).
     #[arg(long, value_name = "ID", default_value = "uvirtio-vblk")]
     pub serial: String,
+    /// Offer packed virtqueues (VIRTIO_F_RING_PACKED) as well as split ones.
+    #[arg(long)]
+    pub packed: bool,
 }
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024; "KiB", "KB" and "K"

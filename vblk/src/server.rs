@@ -6,17 +6,43 @@
 //! device is a virtio-blk device backed by sparse RAM (a memfd) or by an image file.
 //!
 //! Offered virtio features: VERSION_1, RING_INDIRECT_DESC, RING_EVENT_IDX, SEG_MAX, BLK_SIZE
-//! (512), FLUSH, MQ, and DISCARD + WRITE_ZEROES (with unmap) when writable, RO when read-only.
-//! Split rings only: `virtio-queue` 0.18 has no device-side packed ring. Offered vhost-user
-//! protocol features: MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS, RESET_DEVICE.
+//! (512), FLUSH, MQ, and DISCARD + WRITE_ZEROES (with unmap) when writable, RO when read-only;
+//! RING_PACKED when [`ServerOptions::packed`] is set (`vblk serve --packed`). Offered
+//! vhost-user protocol features: MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS, RESET_DEVICE.
+//!
+//! ## Ring formats
+//!
+//! Split rings are served by `virtio-queue` 0.18. It has no device side for packed rings, so
+//! when a front-end negotiates RING_PACKED its queues are served by
+//! `virtio_queue_core::device::PackedDevice`, the device model of our ring crate, over views
+//! of the memory the front-end registered (rebuilt when the memory table changes): EVENT_IDX
+//! and the event suppression areas work as the model implements them, and the call eventfd
+//! is signalled only when the driver's suppression settings ask for it. Both formats hand
+//! each request, as a list of (address, length, writable) buffers, to one executor, so every
+//! request type behaves the same on either.
+//!
+//! Packed rings are off by default because of two limits of the model: the descriptor ring
+//! and the two event suppression areas must be laid out as `RingLayout::packed(size)` lays
+//! them out (every uvirtio driver does; a front-end that places them elsewhere has its ring
+//! refused with a log line), and a chain holds at most 64 buffers, so `seg_max` is 62 while
+//! packed rings are offered. SET_VRING_BASE for a packed ring carries the avail index in bits
+//! 0-14 and its wrap counter in bit 15; the used position starts at the same place (neither
+//! the `vhost` front-end nor `vhost-user-backend` carries the upper 16 bits), and
+//! GET_VRING_BASE reports the avail position in the same encoding.
+//!
+//! ## Requests
 //!
 //! Requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES are served. Every request is
 //! checked (chain shape, header, data length, sector range, writable status byte); a bad one
 //! completes with `VIRTIO_BLK_S_IOERR`, an unknown or un-negotiated one with
-//! `VIRTIO_BLK_S_UNSUPP`. A chain with no writable status byte completes with length 0.
+//! `VIRTIO_BLK_S_UNSUPP`. A chain with no writable status byte completes with length 0. A
+//! packed chain that breaks the ring rules (zero length, readable after writable, indirect
+//! without the feature, a chain that never ends) cannot be completed at all: that ring is
+//! marked broken with a log line and no longer served; the server and other queues go on.
 
 mod device;
 mod disk;
+mod packed;
 
 use std::fmt;
 use std::io;
@@ -69,6 +95,12 @@ pub struct ServerOptions {
     pub read_only: bool,
     /// Device id returned by GET_ID (at most 20 bytes).
     pub serial: String,
+    /// Offer VIRTIO_F_RING_PACKED as well as split rings: each front-end then picks the
+    /// format. Off by default: packed rings are served only when their three areas are laid
+    /// out as `virtio_queue_core::RingLayout::packed` lays them out (every uvirtio driver
+    /// does; other front-ends may not, and would find their ring refused), and `seg_max`
+    /// drops to 62 while packed rings are offered. See the module documentation.
+    pub packed: bool,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +111,7 @@ impl Default for ServerOptions {
             queue_size: DEFAULT_QUEUE_SIZE,
             read_only: false,
             serial: "uvirtio-vblk".to_owned(),
+            packed: false,
         }
     }
 }
@@ -188,7 +221,7 @@ fn build_device(o: &ServerOptions) -> Result<Device, Error> {
     };
     let mut id = [0u8; ID_LEN];
     id[..o.serial.len()].copy_from_slice(o.serial.as_bytes());
-    Ok(Device { disk, queues: o.queues, queue_size: o.queue_size, read_only: o.read_only, id })
+    Ok(Device { disk, queues: o.queues, queue_size: o.queue_size, read_only: o.read_only, packed: o.packed, id })
 }
 
 /// Shared between the handle and the accept thread.

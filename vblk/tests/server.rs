@@ -495,3 +495,311 @@ fn cli_bad_arguments_give_one_line() {
         assert!(err.starts_with("vblk: "), "{args:?}: {err:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Packed rings written by hand: a front-end that may break the rules on purpose.
+
+/// VIRTIO_F_RING_PACKED.
+const F_RING_PACKED: u64 = VirtioFeatures::RING_PACKED.bits();
+const D_NEXT: u16 = 1;
+const D_WRITE: u16 = 2;
+const D_INDIRECT: u16 = 4;
+const D_AVAIL: u16 = 1 << 7;
+const D_USED: u16 = 1 << 15;
+const PACKED_SIZE: u16 = 8;
+
+/// One packed queue on a raw vhost-user connection; descriptors are written byte by byte,
+/// so any of them can be malformed.
+struct PackedClient {
+    _frontend: Frontend,
+    mem: Memory,
+    kick: EventFd,
+    call: EventFd,
+    /// Driver positions: next descriptor to write, next used descriptor to read.
+    pos: u16,
+    wrap: bool,
+    used_pos: u16,
+    used_wrap: bool,
+}
+
+/// Buffer area (offset in the memory) after the ring.
+const PACKED_AREA: usize = 64 << 10;
+
+impl PackedClient {
+    /// Connects and sets up queue 0 as a packed ring. `move_areas` moves the driver and device
+    /// event suppression areas away from where `RingLayout::packed` puts them when set.
+    fn connect(path: &Path, move_areas: bool) -> PackedClient {
+        let mut fe = Frontend::connect(path, 1).unwrap();
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        assert!(offered & F_RING_PACKED != 0, "RING_PACKED not offered: {offered:#x}");
+        fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK).unwrap();
+        let features = offered & (F_VERSION_1 | F_PROTOCOL_FEATURES | F_RING_PACKED | F_FLUSH);
+        fe.set_features(features).unwrap();
+        let mem = Memory::new();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: mem.base,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: mem.base,
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).unwrap();
+        let layout = virtio_queue_core::RingLayout::packed(PACKED_SIZE).unwrap();
+        let mut a = layout.addresses(mem.base);
+        if move_areas {
+            a.driver += 4096;
+            a.device += 4096;
+        }
+        fe.set_vring_num(0, PACKED_SIZE).unwrap();
+        fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: PACKED_SIZE,
+                queue_size: PACKED_SIZE,
+                flags: 0,
+                desc_table_addr: a.desc,
+                used_ring_addr: a.device,
+                avail_ring_addr: a.driver,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        // Position 0, avail wrap counter set (bit 15).
+        fe.set_vring_base(0, 0x8000).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        fe.set_vring_call(0, &call).unwrap();
+        fe.set_vring_kick(0, &kick).unwrap();
+        fe.set_vring_enable(0, true).unwrap();
+        PackedClient { _frontend: fe, mem, kick, call, pos: 0, wrap: true, used_pos: 0, used_wrap: true }
+    }
+
+    /// Guest address of byte `off` of the buffer area.
+    fn addr(&self, off: usize) -> u64 {
+        self.mem.base + (PACKED_AREA + off) as u64
+    }
+
+    fn write_area(&self, off: usize, bytes: &[u8]) {
+        assert!(self.mem.shared.write_bytes(PACKED_AREA + off, bytes));
+    }
+
+    fn read_area(&self, off: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        assert!(self.mem.shared.read_bytes(PACKED_AREA + off, &mut v));
+        v
+    }
+
+    /// Makes the chain `(addr, len, flags)` available with buffer id `id` (NEXT is up to the
+    /// caller) and kicks: every descriptor but the head first, then a release fence, then the
+    /// head's flags.
+    fn add(&mut self, id: u16, chain: &[(u64, u32, u16)]) {
+        let wrap_bits = |wrap: bool| if wrap { D_AVAIL } else { D_USED };
+        let (head_pos, head_wrap) = (self.pos, self.wrap);
+        for (k, &(addr, len, flags)) in chain.iter().enumerate() {
+            let at = usize::from(self.pos) * 16;
+            let s = &self.mem.shared;
+            assert!(s.write_bytes(at, &addr.to_le_bytes()));
+            assert!(s.write_bytes(at + 8, &len.to_le_bytes()));
+            assert!(s.write_bytes(at + 12, &id.to_le_bytes()));
+            if k > 0 {
+                assert!(s.write_bytes(at + 14, &(flags | wrap_bits(self.wrap)).to_le_bytes()));
+            }
+            self.pos += 1;
+            if self.pos == PACKED_SIZE {
+                self.pos = 0;
+                self.wrap = !self.wrap;
+            }
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        let head_flags = chain[0].2 | wrap_bits(head_wrap);
+        assert!(self.mem.shared.write_bytes(usize::from(head_pos) * 16 + 14, &head_flags.to_le_bytes()));
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.kick.write(1).unwrap();
+    }
+
+    /// Waits up to `limit` for the next used descriptor: `(id, len)`; the used position moves
+    /// on by `ring_descs`.
+    fn used(&mut self, ring_descs: u16, limit: Duration) -> Option<(u16, u32)> {
+        let deadline = Instant::now() + limit;
+        let at = usize::from(self.used_pos) * 16;
+        loop {
+            let mut f = [0u8; 2];
+            assert!(self.mem.shared.read_bytes(at + 14, &mut f));
+            let flags = u16::from_le_bytes(f);
+            let done = if self.used_wrap { D_AVAIL | D_USED } else { 0 };
+            if flags & (D_AVAIL | D_USED) == done {
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+                let mut b = [0u8; 6];
+                assert!(self.mem.shared.read_bytes(at + 8, &mut b));
+                for _ in 0..ring_descs {
+                    self.used_pos += 1;
+                    if self.used_pos == PACKED_SIZE {
+                        self.used_pos = 0;
+                        self.used_wrap = !self.used_wrap;
+                    }
+                }
+                return Some((u16::from_le_bytes([b[4], b[5]]), u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A read of `len` bytes at `sector` into buffer-area offset 4096: header, data, status.
+    fn read(&mut self, id: u16, sector: u64, data_addr: u64, len: u32) -> Option<(u16, u32)> {
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&T_IN.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        self.write_area(0, &hdr);
+        self.write_area(64, &[0xff]);
+        let chain = [(self.addr(0), 16, D_NEXT), (data_addr, len, D_WRITE | D_NEXT), (self.addr(64), 1, D_WRITE)];
+        self.add(id, &chain);
+        self.used(3, Duration::from_secs(10))
+    }
+
+    fn status(&self) -> u8 {
+        self.read_area(64, 1)[0]
+    }
+
+    /// Writes the driver event suppression flags (0 enable, 1 disable).
+    fn set_driver_event_flags(&self, flags: u16) {
+        let layout = virtio_queue_core::RingLayout::packed(PACKED_SIZE).unwrap();
+        assert!(self.mem.shared.write_bytes(layout.driver_offset() + 2, &flags.to_le_bytes()));
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the call eventfd was signalled since the last look (non-blocking).
+    fn called(&self) -> bool {
+        self.call.read().is_ok()
+    }
+}
+
+fn packed_server(dir: &tempfile::TempDir) -> ServerHandle {
+    start(dir, ServerOptions { packed: true, ..ram(1 << 20) })
+}
+
+#[test]
+fn packed_ring_by_hand_serves_requests_across_laps() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = packed_server(&dir);
+    let mut c = PackedClient::connect(server.socket_path(), false);
+    // 3 ring positions per request on a ring of 8: the wrap counters flip many times.
+    for id in 0..40u16 {
+        let data = c.addr(4096);
+        assert_eq!(c.read(id, u64::from(id), data, 512), Some((id, 513)));
+        assert_eq!(c.status(), S_OK);
+    }
+}
+
+#[test]
+fn packed_used_buffer_notification_only_when_the_driver_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = packed_server(&dir);
+    let mut c = PackedClient::connect(server.socket_path(), false);
+    let data = c.addr(4096);
+    for id in 0..6u16 {
+        let enable = id % 2 == 0;
+        c.set_driver_event_flags(if enable { 0 } else { 1 });
+        let _ = c.called();
+        assert_eq!(c.read(id, 0, data, 512), Some((id, 513)));
+        // The server signals (or not) just after it marks the chain used.
+        let deadline = Instant::now() + if enable { Duration::from_secs(5) } else { Duration::from_millis(50) };
+        let mut called = false;
+        while !called && Instant::now() < deadline {
+            called = c.called();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(called, enable, "request {id}, notifications enabled: {enable}");
+    }
+}
+
+#[test]
+fn packed_buffer_outside_memory_gets_ioerr() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = packed_server(&dir);
+    let mut c = PackedClient::connect(server.socket_path(), false);
+    let outside = c.mem.base + MEM_SIZE as u64 + 4096;
+    assert_eq!(c.read(5, 0, outside, 512), Some((5, 1)));
+    assert_eq!(c.status(), S_IOERR);
+    // The ring still works.
+    let data = c.addr(4096);
+    assert_eq!(c.read(6, 0, data, 512), Some((6, 513)));
+    assert_eq!(c.status(), S_OK);
+}
+
+/// Chains that break the packed-ring rules: the server marks that ring broken (a log line),
+/// completes nothing of it, does not panic, and serves the next connection.
+#[test]
+fn malformed_packed_chains_break_the_ring_not_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = packed_server(&dir);
+    type Case = fn(&mut PackedClient);
+    let cases: [(&str, Case); 6] = [
+        ("zero-length buffer", |c| c.add(1, &[(c.addr(0), 16, D_NEXT), (c.addr(64), 0, D_WRITE)])),
+        ("readable after writable", |c| {
+            c.add(1, &[(c.addr(0), 16, D_NEXT), (c.addr(64), 1, D_WRITE | D_NEXT), (c.addr(128), 16, 0)])
+        }),
+        ("indirect not negotiated", |c| c.add(1, &[(c.addr(1024), 32, D_INDIRECT)])),
+        ("chain longer than the ring", |c| {
+            let all: Vec<(u64, u32, u16)> = (0..PACKED_SIZE).map(|_| (c.addr(0), 16, D_NEXT)).collect();
+            c.add(1, &all);
+        }),
+        ("head made available before the rest of its chain", |c| {
+            let at = usize::from(c.pos) * 16;
+            let s = &c.mem.shared;
+            assert!(s.write_bytes(at, &c.addr(0).to_le_bytes()));
+            assert!(s.write_bytes(at + 8, &16u32.to_le_bytes()));
+            assert!(s.write_bytes(at + 14, &(D_NEXT | D_AVAIL).to_le_bytes()));
+            c.kick.write(1).unwrap();
+        }),
+        ("areas not where RingLayout puts them", |c| {
+            c.add(1, &[(c.addr(0), 16, D_NEXT), (c.addr(64), 1, D_WRITE)]);
+        }),
+    ];
+    for (what, case) in cases {
+        let mut c = PackedClient::connect(server.socket_path(), what.starts_with("areas"));
+        case(&mut c);
+        assert_eq!(c.used(1, Duration::from_millis(300)), None, "{what}: nothing is completed");
+        drop(c);
+        // The server is alive and serves a well-formed front-end.
+        let mut ok = PackedClient::connect(server.socket_path(), false);
+        let data = ok.addr(4096);
+        assert_eq!(ok.read(9, 0, data, 512), Some((9, 513)), "after {what}");
+        assert_eq!(ok.status(), S_OK);
+    }
+}
+
+#[test]
+fn packed_is_offered_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, ram(1 << 20));
+    let fe = Frontend::connect(server.socket_path(), 1).unwrap();
+    fe.set_owner().unwrap();
+    assert_eq!(fe.get_features().unwrap() & F_RING_PACKED, 0);
+}
+
+#[test]
+fn vblk_serve_packed_offers_and_serves_packed_rings() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = socket_in(&dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vblk"))
+        .args(["serve", "--packed", "--size", "1M", "--socket"])
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no socket within 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = PackedClient::connect(&sock, false);
+    let data = c.addr(4096);
+    assert_eq!(c.read(1, 0, data, 512), Some((1, 513)));
+    assert_eq!(c.status(), S_OK);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -18,13 +18,14 @@ pub fn run(a: ServeArgs) -> Result<ExitCode, String> {
         queue_size: a.queue_size,
         read_only: a.read_only,
         serial: a.serial,
-        ..ServerOptions::default()
+        packed: a.packed,
     };
     let handle = Server::start(&a.socket, options).map_err(|e| e.to_string())?;
     eprintln!(
-        "vblk: serving {} sectors of 512 bytes{} on {}",
+        "vblk: serving {} sectors of 512 bytes{}{} on {}",
         handle.capacity_sectors(),
         if a.read_only { " read-only" } else { "" },
+        if a.packed { ", split and packed rings" } else { "" },
         handle.socket_path().display()
     );
     handle.wait();

@@ -18,9 +18,11 @@ use virtio_blk_dev::spec::{
     WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_blk_dev::BlkFeatures;
+use virtio_queue_core::RingFeatures;
 use virtio_transport_api::VirtioFeatures;
 
 use super::disk::Disk;
+use super::packed::{self, MemoryViews, PackedRing, MAX_CHAIN};
 
 // Feature bits (virtio 1.2, 5.2.3 and 6), as raw words for the backend traits.
 const F_SEG_MAX: u64 = BlkFeatures::SEG_MAX.bits();
@@ -32,6 +34,7 @@ const F_DISCARD: u64 = BlkFeatures::DISCARD.bits();
 const F_WRITE_ZEROES: u64 = BlkFeatures::WRITE_ZEROES.bits();
 const F_RING_INDIRECT_DESC: u64 = VirtioFeatures::INDIRECT_DESC.bits();
 const F_RING_EVENT_IDX: u64 = VirtioFeatures::EVENT_IDX.bits();
+const F_RING_PACKED: u64 = VirtioFeatures::RING_PACKED.bits();
 /// VHOST_USER_F_PROTOCOL_FEATURES (vhost-user, not virtio).
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const F_VERSION_1: u64 = VirtioFeatures::VERSION_1.bits();
@@ -58,13 +61,22 @@ pub(crate) struct Device {
     pub(crate) queues: u16,
     pub(crate) queue_size: u16,
     pub(crate) read_only: bool,
+    /// Offer VIRTIO_F_RING_PACKED.
+    pub(crate) packed: bool,
     pub(crate) id: [u8; ID_LEN],
 }
 
 impl Device {
-    /// Data segments allowed in one request (`seg_max`).
+    /// Data segments allowed in one request (`seg_max`): the queue size less header and
+    /// status, and while packed rings are offered also what one chain of the packed-ring
+    /// device model holds (the config is read before the ring format is known).
     pub(crate) fn seg_max(&self) -> u32 {
-        u32::from(self.queue_size).saturating_sub(2).max(1)
+        let ring = u32::from(self.queue_size).saturating_sub(2).max(1);
+        if self.packed {
+            ring.min(MAX_CHAIN as u32 - 2)
+        } else {
+            ring
+        }
     }
 
     /// Virtio feature bits offered to the front-end.
@@ -77,6 +89,9 @@ impl Device {
             | F_BLK_SIZE
             | F_FLUSH
             | F_MQ;
+        if self.packed {
+            f |= F_RING_PACKED;
+        }
         if self.read_only {
             f |= F_RO;
         } else {
@@ -105,12 +120,16 @@ impl Device {
     }
 }
 
-/// One descriptor of a chain, copied out of guest memory.
+/// One buffer of a request, copied out of the ring (either format): what the request
+/// executor works on.
 #[derive(Clone, Copy, Debug)]
-struct Desc {
-    addr: GuestAddress,
-    len: u32,
-    write: bool,
+pub(crate) struct Desc {
+    /// Guest address of the buffer.
+    pub(crate) addr: GuestAddress,
+    /// Length in bytes.
+    pub(crate) len: u32,
+    /// Device-writable.
+    pub(crate) write: bool,
 }
 
 /// Why a request failed, mapped to its status byte.
@@ -130,13 +149,23 @@ impl From<Fail> for u8 {
 
 type GM = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// What a queue's worker keeps between events.
+struct QueueState {
+    /// Descriptor scratch space, reused across requests.
+    descs: Vec<Desc>,
+    /// Packed rings: where the ring stands (`None` until the first event after set-up).
+    packed: Option<PackedRing>,
+    /// Packed rings: device-model views of the current memory table.
+    views: Option<MemoryViews>,
+}
+
 /// State of one front-end connection.
 struct Connection {
     mem: GM,
     acked: AtomicU64,
     event_idx: AtomicBool,
-    /// Per-worker descriptor scratch space, reused across requests.
-    scratch: Vec<Mutex<Vec<Desc>>>,
+    /// Per-queue worker state (one queue per worker thread).
+    queues: Vec<Mutex<QueueState>>,
 }
 
 /// The `VhostUserBackend` for one connection; cloned into every worker thread.
@@ -149,15 +178,36 @@ pub(crate) struct BlkBackend {
 impl BlkBackend {
     pub(crate) fn new(dev: Arc<Device>, mem: GM) -> Self {
         let max = dev.seg_max() as usize + 2;
-        let scratch = (0..dev.queues).map(|_| Mutex::new(Vec::with_capacity(max))).collect();
+        let queues = (0..dev.queues)
+            .map(|_| Mutex::new(QueueState { descs: Vec::with_capacity(max), packed: None, views: None }))
+            .collect();
         BlkBackend {
             dev,
-            conn: Arc::new(Connection { mem, acked: AtomicU64::new(0), event_idx: AtomicBool::new(false), scratch }),
+            conn: Arc::new(Connection { mem, acked: AtomicU64::new(0), event_idx: AtomicBool::new(false), queues }),
         }
     }
 
     fn acked(&self, feature: u64) -> bool {
         self.conn.acked.load(Ordering::Relaxed) & feature != 0
+    }
+
+    /// Forgets where the packed ring of queue `index` (or of every queue) stands: the next
+    /// event starts from the queue state the front-end set up again.
+    fn forget_packed(&self, index: Option<usize>) {
+        for (i, q) in self.conn.queues.iter().enumerate() {
+            if index.is_none_or(|n| n == i) {
+                q.lock().unwrap_or_else(|p| p.into_inner()).packed = None;
+            }
+        }
+    }
+
+    /// Serves one packed queue through the device model.
+    fn process_packed(&self, vring: &VringMutex, q: &mut QueueState) -> io::Result<()> {
+        let features = RingFeatures::from_bits_truncate(self.conn.acked.load(Ordering::Relaxed));
+        let QueueState { descs, packed, views } = q;
+        let views = MemoryViews::current(views, &self.conn.mem);
+        let mut state = vring.get_mut();
+        packed::process(packed, views, &mut state, features, descs, |mem, d| self.serve(mem, d))
     }
 
     /// Pops and completes every available chain of one queue, with EVENT_IDX-aware
@@ -187,32 +237,29 @@ impl BlkBackend {
         }
     }
 
-    /// Validates and executes one request; returns the bytes written to its writable buffers.
-    /// Guest input never panics here: every failure becomes a status byte, or, if there is no
-    /// writable status byte to carry it, a used length of 0.
+    /// Copies a split-ring chain's buffers into `descs` and serves the request.
     fn handle_chain(
         &self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
         descs: &mut Vec<Desc>,
     ) -> u32 {
-        let max = self.dev.seg_max() as usize + 2;
+        // One more than allowed is enough for `serve` to see the chain is too long.
+        let max = self.dev.seg_max() as usize + 3;
         descs.clear();
-        let mut too_long = false;
-        let mut misordered = false;
-        let mut seen_write = false;
-        for d in chain {
-            if descs.len() == max {
-                too_long = true;
-                break;
-            }
-            if d.is_write_only() {
-                seen_write = true;
-            } else if seen_write {
-                misordered = true;
-            }
-            descs.push(Desc { addr: d.addr(), len: d.len(), write: d.is_write_only() });
-        }
+        descs.extend(chain.take(max).map(|d| Desc { addr: d.addr(), len: d.len(), write: d.is_write_only() }));
+        self.serve(mem, descs)
+    }
+
+    /// The request executor of both ring formats: validates and executes the request made
+    /// of buffers `descs` (in chain order); returns the bytes written to its writable buffers.
+    /// Guest input never panics here: every failure becomes a status byte, or, if there is no
+    /// writable status byte to carry it (or the chain is longer than `seg_max` allows), a used
+    /// length of 0.
+    fn serve(&self, mem: &GuestMemoryMmap, descs: &[Desc]) -> u32 {
+        let too_long = descs.len() > self.dev.seg_max() as usize + 2;
+        let first_write = descs.iter().position(|d| d.write).unwrap_or(descs.len());
+        let misordered = descs.iter().skip(first_write).any(|d| !d.write);
         let status_addr = match descs.last() {
             Some(last) if last.write && last.len >= 1 && !too_long => {
                 last.addr.0.checked_add(u64::from(last.len) - 1).map(GuestAddress)
@@ -441,6 +488,14 @@ impl VhostUserBackend for BlkBackend {
     fn reset_device(&self) {
         self.conn.acked.store(0, Ordering::Relaxed);
         self.conn.event_idx.store(false, Ordering::Relaxed);
+        self.forget_packed(None);
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE stopped the ring; it reports the avail position `process_packed`
+        // stored in the queue state. A ring started again begins from its new base.
+        self.forget_packed(Some(queue_index as usize));
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -495,11 +550,16 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Ok(());
         };
-        let Some(scratch) = self.conn.scratch.get(thread_id) else {
+        let Some(q) = self.conn.queues.get(thread_id) else {
             return Ok(());
         };
-        let mut descs = scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = self.process_queue(vring, &mut descs) {
+        let mut q = q.lock().unwrap_or_else(|p| p.into_inner());
+        let r = if self.acked(F_RING_PACKED) {
+            self.process_packed(vring, &mut q)
+        } else {
+            self.process_queue(vring, &mut q.descs)
+        };
+        if let Err(e) = r {
             // A queue the driver broke (bad ring addresses) stops; the worker stays alive.
             warn!("queue {thread_id}: {e}");
         }

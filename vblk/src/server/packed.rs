@@ -1,0 +1,242 @@
+//! Packed virtqueues (VIRTIO_F_RING_PACKED, virtio 1.2 §2.8) for the embedded server.
+//!
+//! `virtio-queue` 0.18, which serves split rings, has no device side for the packed format,
+//! so a packed queue is served by `virtio_queue_core::device::PackedDevice`, the reference
+//! device model of our ring crate, over views of the memory the front-end registered.
+//! The `vhost-user-backend` crate still owns the vring's set-up: its queue state holds the
+//! queue size and the three area addresses from SET_VRING_NUM / SET_VRING_ADDR (for a packed
+//! ring: the descriptor ring, the driver event suppression area in the "avail" slot and the
+//! device event suppression area in the "used" slot) and the SET_VRING_BASE value.
+//!
+//! What this module adds per queue: the device's avail and used positions and wrap counters
+//! between events, the notification-suppression handshake of the model, and the avail
+//! position written back into the queue state after every batch, so GET_VRING_BASE reports
+//! where the ring stands in the packed encoding (bits 0-14 index, bit 15 wrap counter).
+//!
+//! Limits (the model's, documented in the server docs): the three areas must be laid out
+//! as `RingLayout::packed(size)` lays them out (what every uvirtio driver does); a chain
+//! holds at most `MAX_CHAIN` buffers, so `seg_max` is lowered while packed rings are
+//! offered. A front-end that breaks the packed-ring rules (a malformed chain, areas
+//! elsewhere) gets its ring marked broken with a log line; the server does not panic and
+//! the other queues keep working.
+
+use std::io;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use log::warn;
+use vhost_user_backend::VringState;
+use virtio_queue::QueueT;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use virtio_queue_core::device::{DeviceConfig, MemoryRegion, PackedDevice};
+use virtio_queue_core::{QueueAddresses, RingFeatures, RingLayout, SharedMemory};
+
+use super::device::Desc;
+
+/// The most descriptors a packed chain may have here (the device model's limit).
+pub(crate) const MAX_CHAIN: usize = virtio_queue_core::device::MAX_CHAIN;
+
+/// Device-model views of the front-end's memory: one [`MemoryRegion`] per mapped region,
+/// rebuilt whenever the memory table changes.
+pub(crate) struct MemoryViews {
+    /// The memory map the views point into. Holding the `Arc` keeps every region mapped.
+    mem: Arc<GuestMemoryMmap>,
+    /// Views of `mem`'s regions. The `'static` is a private fiction: the views are only
+    /// handed out borrowed from `self` (see [`MemoryViews::regions`]), so none outlives `mem`.
+    regions: Vec<MemoryRegion<'static>>,
+}
+
+impl MemoryViews {
+    fn new(mem: Arc<GuestMemoryMmap>) -> Self {
+        let mut regions = Vec::with_capacity(mem.num_regions());
+        for r in mem.iter() {
+            let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else { continue };
+            let (Some(base), Ok(len)) = (NonNull::new(host), usize::try_from(r.len())) else { continue };
+            // SAFETY: `base .. base + len` is the host mapping of region `r` of `mem`. The
+            // mapping stays in place as long as `mem` (an `Arc` of the whole memory map) is
+            // alive, and `mem` lives in `self` next to the views; the views never leave `self`
+            // except borrowed from it, so they cannot outlive the mapping. The memory is
+            // shared with the front-end process, which may change it at any time:
+            // `SharedMemory` never forms references to it, only atomic accesses, and the rest
+            // of the server touches it only through `vm-memory`'s volatile copies and
+            // `pread`/`pwrite`, never through Rust references, so no reference is invalidated.
+            let Some(view) = (unsafe { SharedMemory::from_raw_parts(base, len) }) else {
+                warn!("memory region at {:#x} is not 16-byte aligned in this process", r.start_addr().0);
+                continue;
+            };
+            regions.push(MemoryRegion { addr: r.start_addr().0, mem: view });
+        }
+        MemoryViews { mem, regions }
+    }
+
+    /// Views of the current memory map of `atomic`, reusing `cached` if the memory table
+    /// did not change since it was built.
+    pub(crate) fn current<'c>(
+        cached: &'c mut Option<MemoryViews>,
+        atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> &'c Self {
+        let mem = atomic.memory().into_inner();
+        if !cached.as_ref().is_some_and(|v| Arc::ptr_eq(&v.mem, &mem)) {
+            *cached = None;
+        }
+        cached.get_or_insert_with(|| MemoryViews::new(mem))
+    }
+
+    /// The memory map the views were built from.
+    pub(crate) fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The regions, for the device model (indirect tables). Borrowed from `self`: a view
+    /// cannot outlive the mapping it points into.
+    fn regions(&self) -> &[MemoryRegion<'_>] {
+        &self.regions
+    }
+
+    /// The `len` bytes at guest address `addr`, if they lie inside one region and `addr`
+    /// is 16-byte aligned there.
+    fn window(&self, addr: u64, len: usize) -> Option<SharedMemory<'_>> {
+        self.regions().iter().find_map(|r| {
+            let offset = usize::try_from(addr.checked_sub(r.addr)?).ok()?;
+            r.mem.slice(offset, len)
+        })
+    }
+}
+
+/// Where one packed ring stands between events.
+#[derive(Debug)]
+pub(crate) struct PackedRing {
+    /// Descriptor ring, driver area, device area and size the ring was set up with; a
+    /// change means the front-end set up a new ring.
+    setup: (u64, u64, u64, u16),
+    avail: (u16, bool),
+    used: (u16, bool),
+    /// The front-end broke the ring; nothing more is served until it sets the ring up again.
+    broken: bool,
+}
+
+/// Decodes a SET_VRING_BASE value for a packed ring: bits 0-14 the descriptor ring index of
+/// the next available descriptor, bit 15 its wrap counter (the vhost-user specification's
+/// `last_avail_idx` / `last_avail_wrap_counter`). Bits 16-31 (the used index and wrap counter)
+/// never reach the back-end: `vhost-user-backend` 0.24 keeps only the low 16 bits (and the
+/// `vhost` 0.18 front-end sends only 16), so the used position starts where the avail
+/// position does, which is right whenever no request is in flight when the ring is set up.
+fn decode_base(base: u16) -> (u16, bool) {
+    (base & 0x7fff, base & 0x8000 != 0)
+}
+
+fn encode_base((pos, wrap): (u16, bool)) -> u16 {
+    (pos & 0x7fff) | (u16::from(wrap) << 15)
+}
+
+/// Serves every available chain of one packed queue, then records where the ring stands.
+///
+/// `serve` executes one request given its buffers and returns the used length. The queue's
+/// `next_avail` is kept equal to the encoded avail position, so GET_VRING_BASE is right.
+pub(crate) fn process(
+    ring: &mut Option<PackedRing>,
+    views: &MemoryViews,
+    state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    features: RingFeatures,
+    descs: &mut Vec<Desc>,
+    mut serve: impl FnMut(&GuestMemoryMmap, &[Desc]) -> u32,
+) -> io::Result<()> {
+    let q = state.get_queue();
+    let setup = (q.desc_table(), q.avail_ring(), q.used_ring(), q.size());
+    let r = match ring {
+        Some(r) if r.setup == setup => r,
+        _ => {
+            let avail = decode_base(q.next_avail());
+            ring.insert(PackedRing { setup, avail, used: avail, broken: false })
+        }
+    };
+    if r.broken {
+        return Ok(());
+    }
+    let (desc, driver, device, size) = setup;
+    let Ok(layout) = RingLayout::packed(size) else {
+        return broken(r, format!("invalid queue size {size}"));
+    };
+    if layout.addresses(desc) != (QueueAddresses { desc, driver, device }) {
+        return broken(
+            r,
+            format!(
+                "areas at {desc:#x}/{driver:#x}/{device:#x} are not laid out as RingLayout::packed({size}) \
+                 (driver area at +{:#x}, device area at +{:#x}); not served",
+                layout.driver_offset(),
+                layout.device_offset()
+            ),
+        );
+    }
+    let Some(ring_mem) = views.window(desc, layout.size()) else {
+        return broken(r, format!("ring at {desc:#x} ({} bytes) is not inside one memory region", layout.size()));
+    };
+    let cfg = DeviceConfig { layout, ring: ring_mem, features, memory: views.regions() };
+    let mut dev = match PackedDevice::with_positions(cfg, r.avail, r.used) {
+        Ok(d) => d,
+        Err(e) => return broken(r, e.to_string()),
+    };
+    let mem = views.memory();
+    let mut failure = None;
+    loop {
+        dev.disable_kicks();
+        loop {
+            match dev.pop_avail() {
+                Ok(Some(chain)) => {
+                    descs.clear();
+                    descs.extend(chain.descriptors().iter().map(|d| Desc {
+                        addr: GuestAddress(d.addr),
+                        len: d.len,
+                        write: d.writable,
+                    }));
+                    let used = serve(mem, descs);
+                    dev.push_used(&chain, used);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if dev.publish_used() {
+            state.signal_used_queue()?;
+        }
+        if failure.is_some() || !dev.enable_kicks() {
+            break;
+        }
+    }
+    r.avail = dev.avail_position();
+    r.used = dev.used_position();
+    state.get_queue_mut().set_next_avail(encode_base(r.avail));
+    match failure {
+        Some(e) => broken(r, format!("malformed chain at ring position {}: {e}", r.avail.0)),
+        None => Ok(()),
+    }
+}
+
+/// Marks the ring broken and says why, once.
+fn broken(r: &mut PackedRing, why: String) -> io::Result<()> {
+    r.broken = true;
+    warn!("packed ring broken by the front-end, no longer served: {why}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_encoding() {
+        assert_eq!(decode_base(0x8000), (0, true));
+        assert_eq!(decode_base(0x0005), (5, false));
+        assert_eq!(decode_base(0xffff), (0x7fff, true));
+        for v in [(0, true), (0, false), (17, true), (0x7fff, false)] {
+            assert_eq!(decode_base(encode_base(v)), v);
+        }
+    }
+}
