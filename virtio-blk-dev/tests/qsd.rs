@@ -16,6 +16,28 @@ fn every_operation_on_qsd() {
     every_operation(&mut dev, Some(&s.image));
 }
 
+/// qemu-storage-daemon's vhost-user-blk export (libvhost-user) does not offer
+/// VIRTIO_F_RING_PACKED: a driver that would take packed rings negotiates split ones there.
+/// Packed rings over vhost-user are tested against the embedded server (`embedded.rs`).
+#[test]
+fn qsd_offers_split_rings_only_and_the_driver_falls_back() {
+    use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
+    use virtio_queue_core::{RingFeatures, RingFormat};
+    use virtio_transport_api::{Transport, VirtioFeatures};
+
+    let s = Scratch::new();
+    let _d = Qsd::start(&s, 1, true);
+    let mut t = VhostUserTransport::connect(&s.sock, VhostUserOptions::default()).unwrap();
+    let offered = t.device_features().unwrap();
+    assert_eq!(offered & VirtioFeatures::RING_PACKED.bits(), 0, "offered {offered:#x}");
+    assert_ne!(offered & VirtioFeatures::EVENT_IDX.bits(), 0, "offered {offered:#x}");
+    let mut dev = virtio_blk_dev::BlkDevice::open(t, BlkOptions { packed: true, ..Default::default() }).unwrap();
+    assert!(!dev.ring_features().contains(RingFeatures::RING_PACKED));
+    let mut q = dev.take_queue(0).unwrap();
+    assert_eq!(q.format(), RingFormat::Split);
+    q.write_at(0, &[3u8; 4096]).unwrap();
+}
+
 #[test]
 fn without_event_idx() {
     let s = Scratch::new();

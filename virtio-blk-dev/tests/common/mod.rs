@@ -268,7 +268,7 @@ pub fn read_only_refuses_writes(dev: &mut Dev) {
     next(&mut q).result.unwrap();
 }
 
-/// Each queue on its own thread, each writing and reading back its own area.
+/// Each queue on its own thread, each writing and reading back its own area, then flushing.
 pub fn queues_on_threads(dev: &mut Dev, n: u16) {
     assert_eq!(dev.num_queues(), n);
     let queues = dev.queues();
@@ -287,6 +287,7 @@ pub fn queues_on_threads(dev: &mut Dev, n: u16) {
                     q.read_at(off, &mut back).unwrap();
                     assert!(back == data, "queue {i} round {round}");
                 }
+                q.flush().unwrap();
             })
         })
         .collect();
