@@ -444,13 +444,14 @@ impl<T: Transport> BlkQueue<T> {
 
     /// Records a request added to the ring under `id`.
     #[inline]
-    fn commit(&mut self, id: u16, kind: RequestKind, tag: u64, internal: bool, bufs: Bufs) {
+    /// Its `bufs` stay `Bufs::None` (a free id's always are: completion and
+    /// `fail_all` take them) until [`BlkQueue::attach`].
+    fn commit(&mut self, id: u16, kind: RequestKind, tag: u64, internal: bool) {
         self.free.pop();
         if let Some(r) = self.reqs.get_mut(id as usize) {
             r.tag = tag;
             r.kind = kind;
             r.internal = internal;
-            r.bufs = bufs;
         }
         self.unpublished = true;
     }
@@ -471,7 +472,7 @@ impl<T: Transport> BlkQueue<T> {
             self.vq.add(&[header], &[data, status], id)
         };
         added.map_err(|e| BlkError::from(e.error))?;
-        self.commit(id, kind, tag, internal, Bufs::None);
+        self.commit(id, kind, tag, internal);
         Ok(id)
     }
 
@@ -513,7 +514,7 @@ impl<T: Transport> BlkQueue<T> {
         writable.push(Buffer::new(iova + A_STATUS as u64, 1));
         let added = self.vq.add(readable, writable, id);
         added.map_err(|e| BlkError::from(e.error))?;
-        self.commit(id, kind, tag, internal, Bufs::None);
+        self.commit(id, kind, tag, internal);
         Ok(id)
     }
 
