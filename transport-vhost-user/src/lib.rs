@@ -646,7 +646,12 @@ impl Transport for VhostUserTransport {
             log_addr: None,
         };
         sh.call(step, "SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
-        // Packed: avail index 0 with its wrap counter (bit 15) set.
+        // Packed (vhost-user spec, "Vring descriptor indices for packed virtqueues"): bits
+        // 0-14 the next avail index, bit 15 its wrap counter, bits 16-30 the used index, bit
+        // 31 its wrap counter. A fresh ring is 0x8000_8000, but `vhost` 0.18's front-end takes
+        // a u16 and sends only the low half, 0x8000; back-ends that follow DPDK and the `vblk`
+        // server start the used position where the avail position is, which is the same ring
+        // state. Nothing here can send the upper half.
         sh.call(step, "SET_VRING_BASE", |f| f.set_vring_base(i, if packed { 0x8000 } else { 0 }))?;
         let kick = EventFd::new().map_err(|e| e.with_context("kick eventfd"))?;
         let call = EventFd::new().map_err(|e| e.with_context("call eventfd"))?;

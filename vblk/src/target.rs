@@ -138,6 +138,8 @@ pub fn open(args: &TargetArgs, ram_size: u64, queue_size: u16) -> Result<Target,
                 queues: args.queues,
                 queue_size,
                 read_only: false,
+                // The driver here lays out packed rings as the server needs (RingLayout).
+                packed: args.packed,
                 ..ServerOptions::default()
             };
             let server = Server::start(&sock, server_options).map_err(|e| format!("embedded server: {e}"))?;

@@ -803,3 +803,12 @@ fn vblk_serve_packed_offers_and_serves_packed_rings() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn vblk_info_packed_on_the_embedded_server_negotiates_packed_rings() {
+    let out = vblk(&["info", "--packed", "--size", "4M"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let format = stdout.lines().find(|l| l.starts_with("ring format:")).unwrap_or("");
+    assert!(format.contains("packed"), "{stdout}");
+}
