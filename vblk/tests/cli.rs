@@ -318,3 +318,13 @@ fn bad_arguments_and_targets_get_one_line() {
     let e = fails_with_one_line(&["info", "--vhost-user", missing]);
     assert!(e.contains("No such file"), "{e}");
 }
+
+#[test]
+fn bench_and_verify_on_packed_rings() {
+    // For bench, --size is the I/O range; the embedded RAM disk keeps its 1 GiB default.
+    let v = bench(&["--size", "64M", "--packed"], "randrw", "--interrupt");
+    assert_eq!(v["target"], "embedded-ram:1GiB");
+    bench(&["--size", "64M", "--packed"], "write", "--poll");
+    let out = ok(&["verify", "--size", "64M", "--packed", "--length", "4M", "--iodepth", "16"]);
+    assert!(out.contains("OK"), "{out}");
+}
