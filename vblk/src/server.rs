@@ -25,7 +25,9 @@
 //! and the two event suppression areas must be laid out as `RingLayout::packed(size)` lays
 //! them out (every uvirtio driver does; a front-end that places them elsewhere has its ring
 //! refused with a log line), and a chain holds at most 64 buffers, so `seg_max` is 62 while
-//! packed rings are offered. SET_VRING_BASE for a packed ring carries the avail index in bits
+//! packed rings are offered. Queue sizes must be powers of two in both formats: the
+//! `virtio-queue` state that keeps SET_VRING_NUM refuses other sizes, so a packed ring of
+//! another size (which the packed format allows) is refused too. SET_VRING_BASE for a packed ring carries the avail index in bits
 //! 0-14 and its wrap counter in bit 15; the used position starts at the same place (neither
 //! the `vhost` front-end nor `vhost-user-backend` carries the upper 16 bits), and
 //! GET_VRING_BASE reports the avail position in the same encoding.

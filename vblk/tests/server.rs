@@ -511,7 +511,7 @@ const PACKED_SIZE: u16 = 8;
 /// One packed queue on a raw vhost-user connection; descriptors are written byte by byte,
 /// so any of them can be malformed.
 struct PackedClient {
-    _frontend: Frontend,
+    frontend: Frontend,
     mem: Memory,
     kick: EventFd,
     call: EventFd,
@@ -572,7 +572,7 @@ impl PackedClient {
         fe.set_vring_call(0, &call).unwrap();
         fe.set_vring_kick(0, &kick).unwrap();
         fe.set_vring_enable(0, true).unwrap();
-        PackedClient { _frontend: fe, mem, kick, call, pos: 0, wrap: true, used_pos: 0, used_wrap: true }
+        PackedClient { frontend: fe, mem, kick, call, pos: 0, wrap: true, used_pos: 0, used_wrap: true }
     }
 
     /// Guest address of byte `off` of the buffer area.
@@ -687,11 +687,15 @@ fn packed_ring_by_hand_serves_requests_across_laps() {
     let server = packed_server(&dir);
     let mut c = PackedClient::connect(server.socket_path(), false);
     // 3 ring positions per request on a ring of 8: the wrap counters flip many times.
-    for id in 0..40u16 {
+    for id in 0..41u16 {
         let data = c.addr(4096);
         assert_eq!(c.read(id, u64::from(id), data, 512), Some((id, 513)));
         assert_eq!(c.status(), S_OK);
     }
+    // GET_VRING_BASE stops the ring and reports where it stands: the avail index in bits
+    // 0-14 and its wrap counter in bit 15 (123 positions: index 3, 15 laps, counter clear).
+    assert_eq!((c.pos, c.wrap), (3, false));
+    assert_eq!(c.frontend.get_vring_base(0).unwrap(), 3);
 }
 
 #[test]

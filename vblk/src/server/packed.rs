@@ -13,10 +13,11 @@
 //! position written back into the queue state after every batch, so GET_VRING_BASE reports
 //! where the ring stands in the packed encoding (bits 0-14 index, bit 15 wrap counter).
 //!
-//! Limits (the model's, documented in the server docs): the three areas must be laid out
-//! as `RingLayout::packed(size)` lays them out (what every uvirtio driver does); a chain
-//! holds at most `MAX_CHAIN` buffers, so `seg_max` is lowered while packed rings are
-//! offered. A front-end that breaks the packed-ring rules (a malformed chain, areas
+//! Limits (documented in the server docs): the three areas must be laid out as
+//! `RingLayout::packed(size)` lays them out (what every uvirtio driver does); a chain holds
+//! at most `MAX_CHAIN` buffers, so `seg_max` is lowered while packed rings are offered; and
+//! the queue size must be a power of two, because `virtio-queue`'s queue state, which keeps
+//! SET_VRING_NUM, refuses other sizes (silently keeping the previous one). A front-end that breaks the packed-ring rules (a malformed chain, areas
 //! elsewhere) gets its ring marked broken with a log line; the server does not panic and
 //! the other queues keep working.
 
@@ -166,7 +167,8 @@ pub(crate) fn process(
             r,
             format!(
                 "areas at {desc:#x}/{driver:#x}/{device:#x} are not laid out as RingLayout::packed({size}) \
-                 (driver area at +{:#x}, device area at +{:#x}); not served",
+                 (driver area at +{:#x}, device area at +{:#x}); not served. A ring size that is not \
+                 a power of two looks like this too: vhost-user-backend keeps only power-of-two sizes",
                 layout.driver_offset(),
                 layout.device_offset()
             ),
