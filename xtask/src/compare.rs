@@ -46,7 +46,7 @@ const RUN_GRACE: Duration = Duration::from_secs(60);
 
 const USAGE: &str = "\
 usage: cargo xtask compare [--runs N] [--runtime S] [--only uvirtio|ref] [--backend qsd|serve]
-                           [--depths 1,32,128] [--modes poll,interrupt] [--json]";
+                           [--depths 1,32,128] [--modes poll,interrupt] [--ref-packed] [--json]";
 
 /// The two drivers, in the order they alternate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -111,6 +111,8 @@ pub(crate) struct Options {
     backends: Vec<Backend>,
     depths: Vec<u16>,
     modes: Vec<Mode>,
+    /// Let the reference accept packed rings (libblkio never does).
+    ref_packed: bool,
     json: bool,
 }
 
@@ -123,6 +125,7 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
         backends: vec![Backend::Qsd, Backend::Serve],
         depths: DEFAULT_DEPTHS.to_vec(),
         modes: vec![Mode::Poll, Mode::Interrupt],
+        ref_packed: false,
         json: false,
     };
     let mut iter = args.iter();
@@ -181,6 +184,7 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
                     })
                     .collect::<Result<Vec<_>>>()?;
             }
+            "--ref-packed" if inline.is_none() => o.ref_packed = true,
             "--json" if inline.is_none() => o.json = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
             _ => return Err(format!("unexpected argument `{arg}`\n{USAGE}")),
@@ -741,6 +745,9 @@ pub(crate) fn compare(root: &Path, args: &[String]) -> Result {
                             format!("--{}", mode.name()),
                             "--json".into(),
                         ]);
+                        if driver == Driver::Ref && opts.ref_packed {
+                            bench_args.push("--packed".into());
+                        }
                         let cmd = Cmd::new(&program, bench_args);
                         eprint!(
                             "compare: {} QD{depth} {} {} run {}/{} ... ",
@@ -888,6 +895,7 @@ mod tests {
             (o.runs, o.runtime, o.drivers, o.modes, o.depths, o.json),
             (1, 2.0, vec![Driver::Ref], vec![Mode::Poll], vec![1, 8], true)
         );
+        assert!(!o.ref_packed && a(&["--ref-packed"]).unwrap().ref_packed);
         assert!(a(&["--runs", "0"]).is_err());
         assert!(a(&["--only", "fio"]).is_err());
         assert!(a(&["--bogus"]).is_err());
