@@ -371,7 +371,11 @@ fn run(args: &Args) -> Result<(), String> {
     drop(transport);
 
     print_report(args, &report);
-    Ok(())
+    // As vblk bench: the report is printed either way, failed requests fail the command.
+    match report.errors {
+        0 => Ok(()),
+        n => Err(format!("{n} requests failed")),
+    }
 }
 
 /// Submits one request for `slot`'s buffer at the next offset.
