@@ -24,7 +24,7 @@ use crate::shared::SharedMemory;
 mod packed;
 mod split;
 
-pub use packed::PackedDevice;
+pub use packed::{PackedAreas, PackedDevice};
 pub use split::SplitDevice;
 
 /// The most descriptors one [`AvailChain`] holds (and the most entries an
@@ -263,6 +263,18 @@ pub enum ConfigError {
         /// Bytes given.
         given: usize,
     },
+    /// A queue size of 0 or more than 32768.
+    QueueSize {
+        /// The size given.
+        size: u16,
+    },
+    /// An event suppression area not 4-byte aligned or not inside its view.
+    EventArea {
+        /// Offset of the area in its view.
+        offset: usize,
+        /// Length of the view.
+        len: usize,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -273,6 +285,10 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::RingTooSmall { needed, given } => {
                 write!(f, "ring memory of {given} bytes is smaller than the {needed} bytes needed")
+            }
+            ConfigError::QueueSize { size } => write!(f, "queue size {size} is not 1..=32768"),
+            ConfigError::EventArea { offset, len } => {
+                write!(f, "event suppression area at offset {offset} of {len} bytes: misaligned or outside")
             }
         }
     }

@@ -16,11 +16,18 @@ use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
 /// [`publish_used`](Self::publish_used) only decides whether to notify.
 #[derive(Debug)]
 pub struct PackedDevice<'a> {
+    /// The descriptor ring: at least `16 * size` bytes.
     ring: SharedMemory<'a>,
     memory: &'a [MemoryRegion<'a>],
     features: RingFeatures,
     size: u16,
+    /// The driver event suppression area: 4 bytes at `driver_offset` (a multiple of 4) of
+    /// `driver`.
+    driver: SharedMemory<'a>,
     driver_offset: usize,
+    /// The device event suppression area: 4 bytes at `device_offset` (a multiple of 4) of
+    /// `device`.
+    device: SharedMemory<'a>,
     device_offset: usize,
     avail_pos: u16,
     avail_wrap: bool,
@@ -30,6 +37,31 @@ pub struct PackedDevice<'a> {
     pending: u32,
     /// Something was pushed since the previous publication.
     dirty: bool,
+}
+
+/// The three areas of a packed ring given separately, for [`PackedDevice::with_areas`].
+///
+/// A [`SharedMemory`] view starts on a 16-byte boundary, while the specification asks only
+/// 4-byte alignment of the event suppression areas, so each of those is a view plus the
+/// offset of the area in it.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedAreas<'a> {
+    /// Queue size (1..=32768).
+    pub queue_size: u16,
+    /// The descriptor ring: at least `16 * queue_size` bytes.
+    pub desc: SharedMemory<'a>,
+    /// A view holding the driver event suppression area (4 bytes) ...
+    pub driver: SharedMemory<'a>,
+    /// ... at this offset, a multiple of 4.
+    pub driver_offset: usize,
+    /// A view holding the device event suppression area (4 bytes) ...
+    pub device: SharedMemory<'a>,
+    /// ... at this offset, a multiple of 4.
+    pub device_offset: usize,
+    /// Negotiated features that change the ring's behaviour.
+    pub features: RingFeatures,
+    /// Memory reachable by device address (indirect tables).
+    pub memory: &'a [MemoryRegion<'a>],
 }
 
 /// Whether descriptor `flags` mark it available in the lap of `wrap` (§2.8.1).
@@ -48,7 +80,9 @@ impl<'a> PackedDevice<'a> {
             memory: cfg.memory,
             features: cfg.features,
             size: cfg.layout.queue_size(),
+            driver: cfg.ring,
             driver_offset: cfg.layout.driver_offset(),
+            device: cfg.ring,
             device_offset: cfg.layout.device_offset(),
             avail_pos: 0,
             avail_wrap: true,
@@ -66,10 +100,51 @@ impl<'a> PackedDevice<'a> {
     /// for every batch of work from positions it keeps itself.
     pub fn with_positions(cfg: DeviceConfig<'a>, avail: (u16, bool), used: (u16, bool)) -> Result<Self, ConfigError> {
         let mut dev = Self::new(cfg)?;
-        // `new` checked the layout, whose queue size is never zero.
-        (dev.avail_pos, dev.avail_wrap) = (avail.0 % dev.size, avail.1);
-        (dev.used_pos, dev.used_wrap) = (used.0 % dev.size, used.1);
+        dev.set_positions(avail, used);
         Ok(dev)
+    }
+
+    /// A device over a packed ring whose three areas are anywhere, not laid out as one
+    /// [`RingLayout`](crate::layout::RingLayout) block: for a device serving a driver that
+    /// allocates them separately (any vhost-user front-end). Starts from the reset state.
+    pub fn with_areas(areas: PackedAreas<'a>) -> Result<Self, ConfigError> {
+        let PackedAreas { queue_size, desc, driver, driver_offset, device, device_offset, features, memory } = areas;
+        if queue_size == 0 || queue_size > crate::layout::MAX_QUEUE_SIZE {
+            return Err(ConfigError::QueueSize { size: queue_size });
+        }
+        let needed = usize::from(queue_size) * off::DESC_SIZE;
+        if desc.len() < needed {
+            return Err(ConfigError::RingTooSmall { needed, given: desc.len() });
+        }
+        for (view, offset) in [(&driver, driver_offset), (&device, device_offset)] {
+            if offset % 4 != 0 || offset.checked_add(4).is_none_or(|end| end > view.len()) {
+                return Err(ConfigError::EventArea { offset, len: view.len() });
+            }
+        }
+        Ok(PackedDevice {
+            ring: desc,
+            memory,
+            features,
+            size: queue_size,
+            driver,
+            driver_offset,
+            device,
+            device_offset,
+            avail_pos: 0,
+            avail_wrap: true,
+            used_pos: 0,
+            used_wrap: true,
+            pending: 0,
+            dirty: false,
+        })
+    }
+
+    /// Moves the device to the given avail and used positions (each reduced modulo the queue
+    /// size) and wrap counters, as [`with_positions`](Self::with_positions) does for
+    /// [`new`](Self::new).
+    pub fn set_positions(&mut self, avail: (u16, bool), used: (u16, bool)) {
+        (self.avail_pos, self.avail_wrap) = (avail.0 % self.size, avail.1);
+        (self.used_pos, self.used_wrap) = (used.0 % self.size, used.1);
     }
 
     /// The queue size.
@@ -202,15 +277,16 @@ impl<'a> PackedDevice<'a> {
         let advanced = self.pending.min(u32::from(self.size)) as u16;
         self.pending = 0;
         fence_store_before_load();
-        // SAFETY: 2-aligned fields of the driver area, inside the layout the ring covers.
-        let flags = unsafe { self.ring.load_u16(self.driver_offset + off::EVENT_FLAGS, Ordering::Acquire) };
+        // SAFETY: 2-aligned fields of the driver area, which lies inside `driver` (checked by
+        // both constructors: the layout the ring covers, or `with_areas`' bounds check).
+        let flags = unsafe { self.driver.load_u16(self.driver_offset + off::EVENT_FLAGS, Ordering::Acquire) };
         match flags & 3 {
             f if f == PackedEventFlags::Enable as u16 => true,
             f if f == PackedEventFlags::Disable as u16 => false,
             f if f == PackedEventFlags::Desc as u16 && self.features.contains(RingFeatures::EVENT_IDX) => {
                 // SAFETY: as above.
                 let off_wrap =
-                    unsafe { self.ring.load_u16(self.driver_offset + off::EVENT_OFF_WRAP, Ordering::Acquire) };
+                    unsafe { self.driver.load_u16(self.driver_offset + off::EVENT_OFF_WRAP, Ordering::Acquire) };
                 let new = self.used_pos;
                 let old = new.wrapping_sub(advanced);
                 need_event(packed_event_position(off_wrap, self.used_wrap, self.size), new, old)
@@ -223,9 +299,10 @@ impl<'a> PackedDevice<'a> {
     /// Asks the driver not to send available-buffer notifications (device
     /// event suppression flags = Disable).
     pub fn disable_kicks(&mut self) {
-        // SAFETY: a 2-aligned field of the device area, inside the layout the ring covers.
+        // SAFETY: a 2-aligned field of the device area, which lies inside `device` (checked by
+        // both constructors).
         unsafe {
-            self.ring.store_u16(
+            self.device.store_u16(
                 self.device_offset + off::EVENT_FLAGS,
                 PackedEventFlags::Disable as u16,
                 Ordering::Release,
@@ -241,14 +318,15 @@ impl<'a> PackedDevice<'a> {
         let ev = self.device_offset;
         if self.features.contains(RingFeatures::EVENT_IDX) {
             let off_wrap = self.avail_pos | (u16::from(self.avail_wrap) << 15);
-            // SAFETY: 2-aligned fields of the device area, inside the layout the ring covers.
+            // SAFETY: 2-aligned fields of the device area, which lies inside `device` (checked
+            // by both constructors).
             unsafe {
-                self.ring.store_u16(ev + off::EVENT_OFF_WRAP, off_wrap, Ordering::Release);
-                self.ring.store_u16(ev + off::EVENT_FLAGS, PackedEventFlags::Desc as u16, Ordering::Release);
+                self.device.store_u16(ev + off::EVENT_OFF_WRAP, off_wrap, Ordering::Release);
+                self.device.store_u16(ev + off::EVENT_FLAGS, PackedEventFlags::Desc as u16, Ordering::Release);
             }
         } else {
             // SAFETY: as above.
-            unsafe { self.ring.store_u16(ev + off::EVENT_FLAGS, PackedEventFlags::Enable as u16, Ordering::Release) };
+            unsafe { self.device.store_u16(ev + off::EVENT_FLAGS, PackedEventFlags::Enable as u16, Ordering::Release) };
         }
         fence_store_before_load();
         is_avail(self.load_flags(self.avail_pos), self.avail_wrap)
@@ -467,6 +545,82 @@ mod tests {
         dev.push_used(&c, 5);
         assert!(dev.publish_used());
         assert_eq!(drv.take_used(3), Some((9, 5)));
+    }
+
+    #[test]
+    fn separate_areas() {
+        // The driver writes its ring through a layout-shaped block; the device is given the
+        // descriptor ring of that block, and event areas in other memory at offsets 4 and 8.
+        let layout = RingLayout::packed(5).unwrap();
+        let l = lines_for(&layout);
+        let mem = SharedMemory::new(&l);
+        let ev = lines(1);
+        let ev_mem = SharedMemory::new(&ev);
+        fn areas<'a>(size: u16, desc: SharedMemory<'a>, ev: SharedMemory<'a>, at: (usize, usize)) -> PackedAreas<'a> {
+            PackedAreas {
+                queue_size: size,
+                desc,
+                driver: ev,
+                driver_offset: at.0,
+                device: ev,
+                device_offset: at.1,
+                features: RingFeatures::EVENT_IDX,
+                memory: &[],
+            }
+        }
+        let desc = mem;
+        let short = mem.slice(0, 64).unwrap();
+        assert_eq!(
+            PackedDevice::with_areas(areas(0, desc, ev_mem, (4, 8))).err(),
+            Some(ConfigError::QueueSize { size: 0 })
+        );
+        assert_eq!(
+            PackedDevice::with_areas(areas(5, short, ev_mem, (4, 8))).err(),
+            Some(ConfigError::RingTooSmall { needed: 80, given: 64 })
+        );
+        assert_eq!(
+            PackedDevice::with_areas(areas(5, desc, ev_mem, (2, 8))).err(),
+            Some(ConfigError::EventArea { offset: 2, len: 64 })
+        );
+        assert_eq!(
+            PackedDevice::with_areas(areas(5, desc, ev_mem, (4, 61))).err(),
+            Some(ConfigError::EventArea { offset: 61, len: 64 })
+        );
+        assert_eq!(
+            PackedDevice::with_areas(areas(5, desc, ev_mem, (60, 64))).err(),
+            Some(ConfigError::EventArea { offset: 64, len: 64 })
+        );
+        let mut dev = PackedDevice::with_areas(areas(5, desc, ev_mem, (4, 8))).unwrap();
+        let mut drv = Drv::new(mem, layout);
+        // Kick suppression lands in the device area at offset 8 of `ev`.
+        dev.disable_kicks();
+        // SAFETY: 2-aligned fields inside the 64-byte line.
+        let read = |at: usize| unsafe { ev_mem.load_u16(at, Ordering::Acquire) };
+        assert_eq!(read(8 + off::EVENT_FLAGS), PackedEventFlags::Disable as u16);
+        assert!(!dev.enable_kicks());
+        assert_eq!(
+            (read(8 + off::EVENT_OFF_WRAP), read(8 + off::EVENT_FLAGS)),
+            (0x8000, PackedEventFlags::Desc as u16)
+        );
+        // Used-buffer suppression is read from the driver area at offset 4: Disable, then Enable.
+        // SAFETY: as above.
+        unsafe { ev_mem.store_u16(4 + off::EVENT_FLAGS, PackedEventFlags::Disable as u16, Ordering::Release) };
+        drv.add(7, &[(1, 1, 0), (2, 2, WRITE)]);
+        let c = dev.pop_avail().unwrap().unwrap();
+        dev.push_used(&c, 2);
+        assert!(!dev.publish_used());
+        assert_eq!(drv.take_used(2), Some((7, 2)));
+        // SAFETY: as above.
+        unsafe { ev_mem.store_u16(4 + off::EVENT_FLAGS, PackedEventFlags::Enable as u16, Ordering::Release) };
+        drv.add(8, &[(3, 3, WRITE)]);
+        let c = dev.pop_avail().unwrap().unwrap();
+        dev.push_used(&c, 3);
+        assert!(dev.publish_used());
+        assert_eq!(drv.take_used(1), Some((8, 3)));
+        // The ring block's own event areas were never touched.
+        // SAFETY: as above, inside the layout.
+        let untouched = unsafe { mem.load_u16(layout.device_offset() + off::EVENT_FLAGS, Ordering::Acquire) };
+        assert_eq!(untouched, 0);
     }
 
     #[test]
