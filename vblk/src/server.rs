@@ -21,16 +21,19 @@
 //! each request, as a list of (address, length, writable) buffers, to one executor, so every
 //! request type behaves the same on either.
 //!
-//! Packed rings are off by default because of two limits of the model: the descriptor ring
-//! and the two event suppression areas must be laid out as `RingLayout::packed(size)` lays
-//! them out (every uvirtio driver does; a front-end that places them elsewhere has its ring
-//! refused with a log line), and a chain holds at most 64 buffers, so `seg_max` is 62 while
-//! packed rings are offered. Queue sizes must be powers of two in both formats: the
-//! `virtio-queue` state that keeps SET_VRING_NUM refuses other sizes, so a packed ring of
-//! another size (which the packed format allows) is refused too. SET_VRING_BASE for a packed ring carries the avail index in bits
-//! 0-14 and its wrap counter in bit 15; the used position starts at the same place (neither
-//! the `vhost` front-end nor `vhost-user-backend` carries the upper 16 bits), and
-//! GET_VRING_BASE reports the avail position in the same encoding.
+//! The three areas of a packed ring may be anywhere in the registered memory (descriptor
+//! ring 16-byte aligned, event suppression areas 4-byte aligned). Packed rings are still off
+//! by default, because offering them costs every front-end something: a chain of the model
+//! holds at most 64 buffers, so `seg_max` is 62 while packed rings are offered, whichever
+//! format a front-end then picks; and queue sizes must be powers of two (the `virtio-queue`
+//! state that keeps SET_VRING_NUM refuses other sizes), which the packed format itself does
+//! not require, so a front-end that picks packed with another size finds its ring refused
+//! (with a log line), where without the offer it would have run on split rings.
+//!
+//! SET_VRING_BASE for a packed ring carries the avail index in bits 0-14 and its wrap
+//! counter in bit 15; the used position starts at the same place (neither the `vhost`
+//! front-end nor `vhost-user-backend` carries the upper 16 bits), and GET_VRING_BASE reports
+//! the avail position in the same encoding.
 //!
 //! ## Requests
 //!
@@ -98,10 +101,9 @@ pub struct ServerOptions {
     /// Device id returned by GET_ID (at most 20 bytes).
     pub serial: String,
     /// Offer VIRTIO_F_RING_PACKED as well as split rings: each front-end then picks the
-    /// format. Off by default: packed rings are served only when their three areas are laid
-    /// out as `virtio_queue_core::RingLayout::packed` lays them out (every uvirtio driver
-    /// does; other front-ends may not, and would find their ring refused), and `seg_max`
-    /// drops to 62 while packed rings are offered. See the module documentation.
+    /// format. Off by default: while packed rings are offered `seg_max` drops to 62, and a
+    /// front-end that picks packed with a queue size that is not a power of two has its ring
+    /// refused. See the module documentation.
     pub packed: bool,
 }
 

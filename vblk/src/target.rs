@@ -138,7 +138,6 @@ pub fn open(args: &TargetArgs, ram_size: u64, queue_size: u16) -> Result<Target,
                 queues: args.queues,
                 queue_size,
                 read_only: false,
-                // The driver here lays out packed rings as the server needs (RingLayout).
                 packed: args.packed,
                 ..ServerOptions::default()
             };

@@ -513,6 +513,8 @@ const PACKED_SIZE: u16 = 8;
 struct PackedClient {
     frontend: Frontend,
     mem: Memory,
+    /// Offset of the driver event suppression area in `mem`.
+    driver_at: usize,
     kick: EventFd,
     call: EventFd,
     /// Driver positions: next descriptor to write, next used descriptor to read.
@@ -525,10 +527,19 @@ struct PackedClient {
 /// Buffer area (offset in the memory) after the ring.
 const PACKED_AREA: usize = 64 << 10;
 
+/// Where a packed ring's event suppression areas go.
+#[derive(Clone, Copy, Debug)]
+enum Areas {
+    /// Where `RingLayout::packed` puts them, right after the descriptor ring.
+    Layout,
+    /// At these offsets from the start of the memory (driver area, device area).
+    At(usize, usize),
+}
+
 impl PackedClient {
-    /// Connects and sets up queue 0 as a packed ring. `move_areas` moves the driver and device
-    /// event suppression areas away from where `RingLayout::packed` puts them when set.
-    fn connect(path: &Path, move_areas: bool) -> PackedClient {
+    /// Connects and sets up queue 0 as a packed ring, its descriptor ring at the start of
+    /// the memory and its event suppression areas as `areas` says.
+    fn connect(path: &Path, areas: Areas) -> PackedClient {
         let mut fe = Frontend::connect(path, 1).unwrap();
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -546,11 +557,15 @@ impl PackedClient {
         };
         fe.set_mem_table(&[region]).unwrap();
         let layout = virtio_queue_core::RingLayout::packed(PACKED_SIZE).unwrap();
-        let mut a = layout.addresses(mem.base);
-        if move_areas {
-            a.driver += 4096;
-            a.device += 4096;
-        }
+        let (driver_at, device_at) = match areas {
+            Areas::Layout => (layout.driver_offset(), layout.device_offset()),
+            Areas::At(d, v) => (d, v),
+        };
+        let a = virtio_queue_core::QueueAddresses {
+            desc: mem.base,
+            driver: mem.base + driver_at as u64,
+            device: mem.base + device_at as u64,
+        };
         fe.set_vring_num(0, PACKED_SIZE).unwrap();
         fe.set_vring_addr(
             0,
@@ -572,7 +587,7 @@ impl PackedClient {
         fe.set_vring_call(0, &call).unwrap();
         fe.set_vring_kick(0, &kick).unwrap();
         fe.set_vring_enable(0, true).unwrap();
-        PackedClient { frontend: fe, mem, kick, call, pos: 0, wrap: true, used_pos: 0, used_wrap: true }
+        PackedClient { frontend: fe, mem, driver_at, kick, call, pos: 0, wrap: true, used_pos: 0, used_wrap: true }
     }
 
     /// Guest address of byte `off` of the buffer area.
@@ -666,8 +681,7 @@ impl PackedClient {
 
     /// Writes the driver event suppression flags (0 enable, 1 disable).
     fn set_driver_event_flags(&self, flags: u16) {
-        let layout = virtio_queue_core::RingLayout::packed(PACKED_SIZE).unwrap();
-        assert!(self.mem.shared.write_bytes(layout.driver_offset() + 2, &flags.to_le_bytes()));
+        assert!(self.mem.shared.write_bytes(self.driver_at + 2, &flags.to_le_bytes()));
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -685,7 +699,7 @@ fn packed_server(dir: &tempfile::TempDir) -> ServerHandle {
 fn packed_ring_by_hand_serves_requests_across_laps() {
     let dir = tempfile::tempdir().unwrap();
     let server = packed_server(&dir);
-    let mut c = PackedClient::connect(server.socket_path(), false);
+    let mut c = PackedClient::connect(server.socket_path(), Areas::Layout);
     // 3 ring positions per request on a ring of 8: the wrap counters flip many times.
     for id in 0..41u16 {
         let data = c.addr(4096);
@@ -698,12 +712,35 @@ fn packed_ring_by_hand_serves_requests_across_laps() {
     assert_eq!(c.frontend.get_vring_base(0).unwrap(), 3);
 }
 
+/// The event suppression areas where `RingLayout` puts them, and elsewhere (4-byte but not
+/// 16-byte aligned, pages away from the descriptor ring, device area before driver area): the
+/// server reads the driver's settings and writes its own where the front-end said.
 #[test]
 fn packed_used_buffer_notification_only_when_the_driver_asks() {
+    for areas in [Areas::Layout, Areas::At(3 * 4096 + 20, 2 * 4096 + 4)] {
+        used_buffer_notification(areas);
+    }
+}
+
+fn used_buffer_notification(areas: Areas) {
     let dir = tempfile::tempdir().unwrap();
     let server = packed_server(&dir);
-    let mut c = PackedClient::connect(server.socket_path(), false);
+    let mut c = PackedClient::connect(server.socket_path(), areas);
     let data = c.addr(4096);
+    if let Areas::At(_, device_at) = areas {
+        // The server's kick suppression goes to the device area it was given (it ends a batch
+        // with flags Enable, 0, as EVENT_IDX is not negotiated here), not where RingLayout
+        // would have put it.
+        let layout_device = virtio_queue_core::RingLayout::packed(PACKED_SIZE).unwrap().device_offset();
+        assert!(c.mem.shared.write_bytes(device_at, &[0xff; 4]));
+        assert!(c.mem.shared.write_bytes(layout_device, &[0xff; 4]));
+        assert_eq!(c.read(100, 0, data, 512), Some((100, 513)));
+        let mut f = [0u8; 4];
+        assert!(c.mem.shared.read_bytes(device_at, &mut f));
+        assert_eq!(f[2..], [0, 0], "device area flags");
+        assert!(c.mem.shared.read_bytes(layout_device, &mut f));
+        assert_eq!(f, [0xff; 4], "RingLayout's device area untouched");
+    }
     for id in 0..6u16 {
         let enable = id % 2 == 0;
         c.set_driver_event_flags(if enable { 0 } else { 1 });
@@ -716,7 +753,7 @@ fn packed_used_buffer_notification_only_when_the_driver_asks() {
             called = c.called();
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(called, enable, "request {id}, notifications enabled: {enable}");
+        assert_eq!(called, enable, "{areas:?}: request {id}, notifications enabled: {enable}");
     }
 }
 
@@ -724,7 +761,7 @@ fn packed_used_buffer_notification_only_when_the_driver_asks() {
 fn packed_buffer_outside_memory_gets_ioerr() {
     let dir = tempfile::tempdir().unwrap();
     let server = packed_server(&dir);
-    let mut c = PackedClient::connect(server.socket_path(), false);
+    let mut c = PackedClient::connect(server.socket_path(), Areas::Layout);
     let outside = c.mem.base + MEM_SIZE as u64 + 4096;
     assert_eq!(c.read(5, 0, outside, 512), Some((5, 1)));
     assert_eq!(c.status(), S_IOERR);
@@ -759,17 +796,18 @@ fn malformed_packed_chains_break_the_ring_not_the_server() {
             assert!(s.write_bytes(at + 14, &(D_NEXT | D_AVAIL).to_le_bytes()));
             c.kick.write(1).unwrap();
         }),
-        ("areas not where RingLayout puts them", |c| {
+        ("event area overlapping the descriptor ring", |c| {
             c.add(1, &[(c.addr(0), 16, D_NEXT), (c.addr(64), 1, D_WRITE)]);
         }),
     ];
     for (what, case) in cases {
-        let mut c = PackedClient::connect(server.socket_path(), what.starts_with("areas"));
+        let areas = if what.starts_with("event area") { Areas::At(16, 4096) } else { Areas::Layout };
+        let mut c = PackedClient::connect(server.socket_path(), areas);
         case(&mut c);
         assert_eq!(c.used(1, Duration::from_millis(300)), None, "{what}: nothing is completed");
         drop(c);
         // The server is alive and serves a well-formed front-end.
-        let mut ok = PackedClient::connect(server.socket_path(), false);
+        let mut ok = PackedClient::connect(server.socket_path(), Areas::Layout);
         let data = ok.addr(4096);
         assert_eq!(ok.read(9, 0, data, 512), Some((9, 513)), "after {what}");
         assert_eq!(ok.status(), S_OK);
@@ -800,7 +838,7 @@ fn vblk_serve_packed_offers_and_serves_packed_rings() {
         assert!(t.elapsed() < Duration::from_secs(10), "no socket within 10 s");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut c = PackedClient::connect(&sock, false);
+    let mut c = PackedClient::connect(&sock, Areas::Layout);
     let data = c.addr(4096);
     assert_eq!(c.read(1, 0, data, 512), Some((1, 513)));
     assert_eq!(c.status(), S_OK);

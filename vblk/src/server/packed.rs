@@ -13,13 +13,15 @@
 //! position written back into the queue state after every batch, so GET_VRING_BASE reports
 //! where the ring stands in the packed encoding (bits 0-14 index, bit 15 wrap counter).
 //!
-//! Limits (documented in the server docs): the three areas must be laid out as
-//! `RingLayout::packed(size)` lays them out (what every uvirtio driver does); a chain holds
-//! at most `MAX_CHAIN` buffers, so `seg_max` is lowered while packed rings are offered; and
-//! the queue size must be a power of two, because `virtio-queue`'s queue state, which keeps
-//! SET_VRING_NUM, refuses other sizes (silently keeping the previous one). A front-end that breaks the packed-ring rules (a malformed chain, areas
-//! elsewhere) gets its ring marked broken with a log line; the server does not panic and
-//! the other queues keep working.
+//! The three areas may be anywhere in registered memory (each inside one region; the
+//! descriptor ring 16-byte aligned, the event suppression areas 4-byte aligned, as the
+//! specification asks). Limits (documented in the server docs): a chain holds at most
+//! `MAX_CHAIN` buffers, so `seg_max` is lowered while packed rings are offered; and the queue
+//! size must be a power of two, because `virtio-queue`'s queue state, which keeps
+//! SET_VRING_NUM, refuses other sizes (silently keeping the previous one); a ring whose areas
+//! then overlap is refused. A front-end that breaks the packed-ring rules (a malformed chain,
+//! areas outside its memory or overlapping) gets its ring marked broken with a log line; the
+//! server does not panic and the other queues keep working.
 
 use std::io;
 use std::ptr::NonNull;
@@ -33,8 +35,8 @@ use vm_memory::{
     MemoryRegionAddress,
 };
 
-use virtio_queue_core::device::{DeviceConfig, MemoryRegion, PackedDevice};
-use virtio_queue_core::{QueueAddresses, RingFeatures, RingLayout, SharedMemory};
+use virtio_queue_core::device::{MemoryRegion, PackedAreas, PackedDevice};
+use virtio_queue_core::{RingFeatures, SharedMemory};
 
 use super::device::Desc;
 
@@ -98,12 +100,14 @@ impl MemoryViews {
         &self.regions
     }
 
-    /// The `len` bytes at guest address `addr`, if they lie inside one region and `addr`
-    /// is 16-byte aligned there.
-    fn window(&self, addr: u64, len: usize) -> Option<SharedMemory<'_>> {
+    /// A view holding the `len` bytes at guest address `addr`, and their offset in it, if
+    /// they lie inside one region. The view starts on the 16-byte boundary at or below
+    /// `addr` (views always do), so the offset is below 16.
+    fn area(&self, addr: u64, len: usize) -> Option<(SharedMemory<'_>, usize)> {
         self.regions().iter().find_map(|r| {
             let offset = usize::try_from(addr.checked_sub(r.addr)?).ok()?;
-            r.mem.slice(offset, len)
+            let skew = offset % 16;
+            Some((r.mem.slice(offset - skew, skew.checked_add(len)?)?, skew))
         })
     }
 }
@@ -159,29 +163,47 @@ pub(crate) fn process(
         return Ok(());
     }
     let (desc, driver, device, size) = setup;
-    let Ok(layout) = RingLayout::packed(size) else {
-        return broken(r, format!("invalid queue size {size}"));
+    let desc_len = usize::from(size) * 16;
+    let Some((desc_mem, 0)) = views.area(desc, desc_len) else {
+        return broken(
+            r,
+            format!("descriptor ring at {desc:#x} ({desc_len} bytes) is not 16-byte aligned in one memory region"),
+        );
     };
-    if layout.addresses(desc) != (QueueAddresses { desc, driver, device }) {
+    let Some((driver_mem, driver_offset)) = views.area(driver, 4) else {
+        return broken(r, format!("driver event suppression area at {driver:#x} is not in one memory region"));
+    };
+    let Some((device_mem, device_offset)) = views.area(device, 4) else {
+        return broken(r, format!("device event suppression area at {device:#x} is not in one memory region"));
+    };
+    let disjoint =
+        |a: u64, a_len: u64, b: u64, b_len: u64| a.saturating_add(a_len) <= b || b.saturating_add(b_len) <= a;
+    let ring_len = desc_len as u64;
+    if !disjoint(desc, ring_len, driver, 4) || !disjoint(desc, ring_len, device, 4) || !disjoint(driver, 4, device, 4) {
         return broken(
             r,
             format!(
-                "areas at {desc:#x}/{driver:#x}/{device:#x} are not laid out as RingLayout::packed({size}) \
-                 (driver area at +{:#x}, device area at +{:#x}); not served. A ring size that is not \
-                 a power of two looks like this too: vhost-user-backend keeps only power-of-two sizes",
-                layout.driver_offset(),
-                layout.device_offset()
+                "areas overlap: {ring_len}-byte descriptor ring at {desc:#x}, event areas at {driver:#x} and \
+                 {device:#x}. A ring size that is not a power of two looks like this: vhost-user-backend keeps \
+                 only power-of-two sizes, so the ring is taken as {size} entries"
             ),
         );
     }
-    let Some(ring_mem) = views.window(desc, layout.size()) else {
-        return broken(r, format!("ring at {desc:#x} ({} bytes) is not inside one memory region", layout.size()));
+    let areas = PackedAreas {
+        queue_size: size,
+        desc: desc_mem,
+        driver: driver_mem,
+        driver_offset,
+        device: device_mem,
+        device_offset,
+        features,
+        memory: views.regions(),
     };
-    let cfg = DeviceConfig { layout, ring: ring_mem, features, memory: views.regions() };
-    let mut dev = match PackedDevice::with_positions(cfg, r.avail, r.used) {
+    let mut dev = match PackedDevice::with_areas(areas) {
         Ok(d) => d,
         Err(e) => return broken(r, e.to_string()),
     };
+    dev.set_positions(r.avail, r.used);
     let mem = views.memory();
     let mut failure = None;
     loop {
