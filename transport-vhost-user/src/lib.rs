@@ -593,7 +593,15 @@ impl Transport for VhostUserTransport {
         let zero = vec![0u8; end as usize];
         let (_, payload) = self
             .shared
-            .call(Step::Config, "GET_CONFIG", |f| f.get_config(0, end, VhostUserConfigFlags::empty(), &zero))?;
+            .call(Step::Config, "GET_CONFIG", |f| f.get_config(0, end, VhostUserConfigFlags::empty(), &zero))
+            .map_err(|e| {
+                // libvhost-user back-ends answer a read past the end of their
+                // config space with an empty reply, which the vhost crate
+                // waits on; say so, since the timeout alone hides it.
+                e.with_context(format!(
+                    "GET_CONFIG of {end} bytes (a back-end whose config space is shorter sends an empty reply)"
+                ))
+            })?;
         let src = payload
             .get(offset as usize..end as usize)
             .ok_or_else(|| Error::new(NAME, Step::Config, Cause::Protocol("short GET_CONFIG reply".into())))?;

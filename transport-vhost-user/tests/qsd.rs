@@ -1,5 +1,5 @@
 //! Against a real back-end nobody here wrote: `qemu-storage-daemon --export
-//! type=vhost-user-blk` over a raw image file (Debian package `qemu-utils`).
+//! type=vhost-user-blk` over a raw image file (Debian package `qemu-system-common` in bookworm; a backported `qemu-utils` also ships it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,7 +40,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot run {QSD} ({e}): install the Debian package qemu-utils (apt-get install qemu-utils)")
+                panic!("cannot run {QSD} ({e}): install the Debian package qemu-system-common (apt-get install qemu-system-common; a backported qemu-utils also ships it)")
             });
         let mut d = Daemon { child, sock, image, _dir: dir };
         let t = Instant::now();

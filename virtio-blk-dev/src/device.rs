@@ -1,7 +1,8 @@
 //! Opening a virtio-blk device: negotiation, configuration, queue set-up.
 
 use virtio_queue_core::RingFeatures;
-use virtio_transport_api::{driver_ok, negotiate, read_config, Cause, Error, Step, Transport, VirtioFeatures};
+use virtio_transport_api::{driver_ok, negotiate, read_config_bytes, Cause, Error, Step, Transport, VirtioFeatures};
+use zerocopy::IntoBytes;
 
 use crate::buf::DmaBuf;
 use crate::config::{BlkConfig, BlkFeatures, Topology};
@@ -85,6 +86,40 @@ fn invalid(t: &impl Transport, step: Step, msg: String) -> BlkError {
     BlkError::Transport(Error::new(t.name(), step, Cause::InvalidArgument(msg)))
 }
 
+/// How many bytes of the configuration space the negotiated features make
+/// valid (virtio 1.2 §5.2.4): a field exists only when its feature does, and
+/// real back-ends refuse reads past the end of their structure
+/// (qemu-storage-daemon's vhost-user-blk answers a 64-byte GET_CONFIG with an
+/// empty reply, having 60 bytes).
+fn config_len(blk: BlkFeatures) -> usize {
+    if blk.contains(BlkFeatures::SECURE_ERASE) {
+        core::mem::offset_of!(BlkConfig, secure_erase_sector_alignment) + 4
+    } else if blk.intersects(BlkFeatures::DISCARD | BlkFeatures::WRITE_ZEROES) {
+        // Through `write_zeroes_may_unmap` and its padding, as devices lay it out.
+        core::mem::offset_of!(BlkConfig, max_secure_erase_sectors)
+    } else if blk.contains(BlkFeatures::MQ) {
+        core::mem::offset_of!(BlkConfig, num_queues) + 2
+    } else if blk.contains(BlkFeatures::CONFIG_WCE) {
+        core::mem::offset_of!(BlkConfig, writeback) + 1
+    } else if blk.contains(BlkFeatures::TOPOLOGY) {
+        core::mem::offset_of!(BlkConfig, opt_io_size) + 4
+    } else {
+        core::mem::offset_of!(BlkConfig, blk_size) + 4
+    }
+}
+
+/// Reads the part of the configuration the negotiated features define (the
+/// rest stays zero), retrying on a generation change.
+fn read_blk_config<T: Transport>(t: &mut T, blk: BlkFeatures) -> Result<BlkConfig> {
+    let mut config = BlkConfig::default();
+    let len = config_len(blk);
+    let Some(prefix) = config.as_mut_bytes().get_mut(..len) else {
+        return Err(invalid(t, Step::Config, format!("config length {len}")));
+    };
+    read_config_bytes(t, 0, prefix)?;
+    Ok(config)
+}
+
 impl<T: Transport> BlkDevice<T> {
     /// Negotiates features (VERSION_1 required; the virtio-blk and ring
     /// features this driver knows, as offered and allowed by `options`),
@@ -107,8 +142,8 @@ impl<T: Transport> BlkDevice<T> {
             }
         }
         let features = negotiate(&mut transport, supported, 0)?;
-        let config: BlkConfig = read_config(&mut transport, 0)?;
         let blk = BlkFeatures::from_bits_truncate(features);
+        let config = read_blk_config(&mut transport, blk)?;
 
         let offered_queues = if blk.contains(BlkFeatures::MQ) { config.num_queues.get().max(1) } else { 1 };
         let n = options.num_queues.max(1).min(offered_queues).min(transport.max_queues().max(1));
@@ -240,5 +275,23 @@ impl<T: Transport> BlkDevice<T> {
     /// The transport, for transport-specific calls.
     pub fn transport(&self) -> &T {
         &self.transport
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_stop_where_the_negotiated_fields_end() {
+        // Offsets from virtio 1.2 §5.2.4 (struct virtio_blk_config).
+        assert_eq!(config_len(BlkFeatures::empty()), 24);
+        assert_eq!(config_len(BlkFeatures::TOPOLOGY), 32);
+        assert_eq!(config_len(BlkFeatures::CONFIG_WCE | BlkFeatures::TOPOLOGY), 33);
+        assert_eq!(config_len(BlkFeatures::MQ | BlkFeatures::FLUSH), 36);
+        // qemu-storage-daemon's 60-byte structure: DISCARD and WRITE_ZEROES.
+        assert_eq!(config_len(BlkFeatures::MQ | BlkFeatures::DISCARD), 60);
+        assert_eq!(config_len(BlkFeatures::WRITE_ZEROES), 60);
+        assert_eq!(config_len(BlkFeatures::SECURE_ERASE | BlkFeatures::DISCARD), 72);
     }
 }

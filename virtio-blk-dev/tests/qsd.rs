@@ -1,5 +1,5 @@
 //! Against `qemu-storage-daemon --export type=vhost-user-blk` over a raw image file
-//! (Debian package `qemu-utils`).
+//! (Debian package `qemu-system-common` in bookworm; a backported `qemu-utils` also ships it).
 
 mod common;
 

@@ -35,5 +35,7 @@ pub use error::{Cause, Error, Result, Step};
 pub use event::{CompletionEvent, EventFd, Notifier, Wait};
 pub use features::{DeviceStatus, VirtioFeatures};
 pub use memfd::MemFd;
-pub use transport::{driver_ok, negotiate, read_config, QueueSetup, Transport, CONFIG_READ_ATTEMPTS};
+pub use transport::{
+    driver_ok, negotiate, read_config, read_config_bytes, QueueSetup, Transport, CONFIG_READ_ATTEMPTS,
+};
 pub use virtio_queue_core::{QueueAddresses, RingFormat};

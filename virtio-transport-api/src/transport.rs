@@ -173,11 +173,19 @@ pub const CONFIG_READ_ATTEMPTS: u32 = 16;
 /// [`CONFIG_READ_ATTEMPTS`] times, then [`Cause::ConfigGenerationUnstable`]).
 pub fn read_config<C: FromBytes + IntoBytes, T: Transport + ?Sized>(t: &mut T, offset: u32) -> Result<C> {
     let mut value = C::new_zeroed();
+    read_config_bytes(t, offset, value.as_mut_bytes())?;
+    Ok(value)
+}
+
+/// [`read_config`] into a byte buffer: for a structure of which the
+/// negotiated features make only a prefix valid (a device may refuse reads
+/// past the end of its own configuration space).
+pub fn read_config_bytes<T: Transport + ?Sized>(t: &mut T, offset: u32, buf: &mut [u8]) -> Result<()> {
     for _ in 0..CONFIG_READ_ATTEMPTS {
         let before = t.config_generation()?;
-        t.read_config(offset, value.as_mut_bytes())?;
+        t.read_config(offset, buf)?;
         if t.config_generation()? == before {
-            return Ok(value);
+            return Ok(());
         }
     }
     Err(Error::new(t.name(), Step::Config, Cause::ConfigGenerationUnstable { attempts: CONFIG_READ_ATTEMPTS }))

@@ -668,8 +668,8 @@ pub(crate) fn compare(root: &Path, args: &[String]) -> Result {
     let opts = parse_args(args)?;
 
     if opts.backends.contains(&Backend::Qsd) && probe("qemu-storage-daemon", ["--version"]).is_none() {
-        return Err("qemu-storage-daemon not found: install the Debian package qemu-utils \
-                    (apt-get install qemu-utils)"
+        return Err("qemu-storage-daemon not found: install the Debian package qemu-system-common \
+                    (apt-get install qemu-system-common)"
             .into());
     }
 

@@ -500,7 +500,7 @@ fn missing_prerequisites() -> Result<Vec<Missing>> {
 
     // Debian packages: (package, a command that proves it is there).
     let debian: &[(&str, &[&str])] =
-        &[("valgrind", &["valgrind", "--version"]), ("qemu-utils", &["qemu-storage-daemon", "--version"])];
+        &[("valgrind", &["valgrind", "--version"]), ("qemu-system-common", &["qemu-storage-daemon", "--version"])];
     let absent: Vec<&str> = debian
         .iter()
         .filter(|(_, check)| match check.split_first() {
