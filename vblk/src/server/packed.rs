@@ -206,6 +206,7 @@ pub(crate) fn process(
     dev.set_positions(r.avail, r.used);
     let mem = views.memory();
     let mut failure = None;
+    let mut signal = Ok(());
     loop {
         dev.disable_kicks();
         loop {
@@ -228,15 +229,18 @@ pub(crate) fn process(
             }
         }
         if dev.publish_used() {
-            state.signal_used_queue()?;
+            signal = state.signal_used_queue();
         }
-        if failure.is_some() || !dev.enable_kicks() {
+        if failure.is_some() || signal.is_err() || !dev.enable_kicks() {
             break;
         }
     }
+    // Saved before any error is returned: the chains popped so far are completed, and
+    // serving them again would repeat their requests.
     r.avail = dev.avail_position();
     r.used = dev.used_position();
     state.get_queue_mut().set_next_avail(encode_base(r.avail));
+    signal?;
     match failure {
         Some(e) => broken(r, format!("malformed chain at ring position {}: {e}", r.avail.0)),
         None => Ok(()),
