@@ -7,7 +7,7 @@ use zerocopy::IntoBytes;
 use crate::buf::DmaBuf;
 use crate::config::{BlkConfig, BlkFeatures, Topology};
 use crate::error::{BlkError, Result};
-use crate::queue::{BlkQueue, Limits};
+use crate::queue::{BlkQueue, Graveyard, Limits};
 
 /// The virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -69,6 +69,10 @@ pub struct BlkDevice<T: Transport> {
     transport: T,
     features: u64,
     config: BlkConfig,
+    /// Memory of dropped queues, freed after the transport: the device may
+    /// use a ring until it is reset. Only held, for its drop order.
+    #[expect(dead_code, reason = "held so that it is dropped after the transport")]
+    graveyard: Graveyard,
 }
 
 impl<T: Transport> std::fmt::Debug for BlkDevice<T> {
@@ -171,13 +175,14 @@ impl<T: Transport> BlkDevice<T> {
             limits.max_segments = limits.max_segments.min(config.seg_max.get() as usize);
         }
 
+        let graveyard = Graveyard::default();
         let mut queues = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let q = BlkQueue::new(&mut transport, i, ring, &limits, &options)?;
+            let q = BlkQueue::new(&mut transport, i, ring, &limits, &options, &graveyard)?;
             queues.push(Some(q));
         }
         driver_ok(&mut transport)?;
-        Ok(BlkDevice { transport, features, config, queues })
+        Ok(BlkDevice { transport, features, config, queues, graveyard })
     }
 
     /// The negotiated feature word.
