@@ -177,7 +177,9 @@ pub(crate) struct BlkBackend {
 
 impl BlkBackend {
     pub(crate) fn new(dev: Arc<Device>, mem: GM) -> Self {
-        let max = dev.seg_max() as usize + 2;
+        // Header, `seg_max` data buffers, status, and one more, which is how a split chain
+        // that is too long shows itself (`handle_chain`).
+        let max = dev.seg_max() as usize + 3;
         let queues = (0..dev.queues)
             .map(|_| Mutex::new(QueueState { descs: Vec::with_capacity(max), packed: None, views: None }))
             .collect();
