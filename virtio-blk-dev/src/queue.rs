@@ -173,6 +173,10 @@ pub struct BlkQueue<T: Transport> {
     /// `wait` asks for a notification only after most of the requests in
     /// flight have completed (EVENT_IDX), instead of after the first.
     batch_completions: bool,
+    /// Kicks sent (notifier writes), for [`BlkQueue::kicks`].
+    kicks: u64,
+    /// Sleeps on the completion eventfd, for [`BlkQueue::waits`].
+    waits: u64,
     name: &'static str,
     index: u16,
     mem: Retained,
@@ -307,6 +311,8 @@ impl<T: Transport> BlkQueue<T> {
             name,
             index,
             batch_completions: false,
+            kicks: 0,
+            waits: 0,
             mem: Retained { region: ManuallyDrop::new(mem), graveyard: graveyard.clone() },
         })
     }
@@ -721,6 +727,7 @@ impl<T: Transport> BlkQueue<T> {
         self.unpublished = false;
         match self.vq.publish() {
             Ok(true) => {
+                self.kicks += 1;
                 if let Err(e) = self.notifier.notify() {
                     let err = BlkError::Transport(e);
                     self.fail_all(&err);
@@ -848,6 +855,19 @@ impl<T: Transport> BlkQueue<T> {
         self.batch_completions = on;
     }
 
+    /// Kicks sent to the device so far (each one a notifier write, made only
+    /// when the device asked for it). For benchmarks and diagnostics.
+    pub fn kicks(&self) -> u64 {
+        self.kicks
+    }
+
+    /// Times [`BlkQueue::wait`] and the blocking helpers slept on the
+    /// completion eventfd (each a `poll(2)` and, once signalled, a `read`).
+    /// For benchmarks and diagnostics.
+    pub fn waits(&self) -> u64 {
+        self.waits
+    }
+
     /// Waits up to `timeout` (`None`: no limit) for the next finished
     /// request. Returns `None` on timeout or when nothing is in flight. A
     /// backend that goes away completes every request in flight with a
@@ -878,6 +898,7 @@ impl<T: Transport> BlkQueue<T> {
                 }
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            self.waits += 1;
             match self.event.wait(left) {
                 Ok(Wait::Signalled(_)) => {}
                 Ok(Wait::TimedOut) => {
@@ -916,6 +937,7 @@ impl<T: Transport> BlkQueue<T> {
                 }
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            self.waits += 1;
             match self.event.wait(left) {
                 Ok(Wait::Signalled(_)) => {}
                 Ok(Wait::TimedOut) => {
