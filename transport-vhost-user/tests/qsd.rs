@@ -28,6 +28,7 @@ impl Daemon {
         let image = dir.path().join("disk.raw");
         let sock = dir.path().join("vhost.sock");
         std::fs::File::create(&image).unwrap().set_len(IMAGE_BYTES).unwrap();
+        let pidfile = dir.path().join("qsd.pid");
         let child = Command::new(QSD)
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=disk,filename={}", image.display()))
@@ -36,6 +37,11 @@ impl Daemon {
                 "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
                 sock.display()
             ))
+            // qsd writes its pid file after its exports listen and before it
+            // accepts connections: the file's existence means "ready" (the
+            // socket file alone appears between bind and listen).
+            .arg("--pidfile")
+            .arg(&pidfile)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -44,11 +50,11 @@ impl Daemon {
             });
         let mut d = Daemon { child, sock, image, _dir: dir };
         let t = Instant::now();
-        while !d.sock.exists() {
+        while !pidfile.exists() {
             if let Some(status) = d.child.try_wait().unwrap() {
                 panic!("{QSD} exited early: {status}");
             }
-            assert!(t.elapsed() < Duration::from_secs(10), "{QSD} did not create its socket within 10 s");
+            assert!(t.elapsed() < Duration::from_secs(10), "{QSD} did not get ready (pid file) within 10 s");
             std::thread::sleep(Duration::from_millis(10));
         }
         d

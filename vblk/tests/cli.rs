@@ -2,9 +2,10 @@
 //! target option) and against `vblk serve` running in a child process (`--vhost-user`).
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const VBLK: &str = env!("CARGO_BIN_EXE_vblk");
 const IMAGE_BYTES: u64 = 16 << 20;
@@ -75,18 +76,27 @@ struct Serve {
 impl Serve {
     fn start(s: &Scratch, extra: &[&str]) -> Serve {
         let socket = s.path("serve.sock");
-        let child = Command::new(VBLK)
+        let mut child = Command::new(VBLK)
             .args(["serve", "--socket", socket.to_str().unwrap()])
             .args(extra)
             .stdin(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start vblk serve");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "vblk serve did not create its socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // `vblk serve` prints "serving ..." once it listens (the socket file
+        // alone appears between bind and listen). Keep draining stderr so the
+        // server never blocks on a full pipe.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("serving") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("vblk serve did not report listening within 10 s");
         Serve { child, socket }
     }
 

@@ -830,14 +830,22 @@ fn vblk_serve_packed_offers_and_serves_packed_rings() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vblk"))
         .args(["serve", "--packed", "--size", "1M", "--socket"])
         .arg(&sock)
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "no socket within 10 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // "serving ..." is printed once the socket listens (the file alone
+    // appears between bind and listen); stderr is drained to the end.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("serving") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10)).expect("vblk serve did not report listening within 10 s");
     let mut c = PackedClient::connect(&sock, Areas::Layout);
     let data = c.addr(4096);
     assert_eq!(c.read(1, 0, data, 512), Some((1, 513)));

@@ -65,6 +65,8 @@ pub struct Qsd {
 
 impl Qsd {
     pub fn start(s: &Scratch, queues: u32, writable: bool) -> Qsd {
+        // A daemon started earlier on this scratch directory may have left it.
+        let _ = std::fs::remove_file(s.dir.path().join("qsd.pid"));
         let child = Command::new(QSD)
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=disk,filename={}", s.image.display()))
@@ -74,6 +76,11 @@ impl Qsd {
                 s.sock.display(),
                 if writable { "on" } else { "off" }
             ))
+            // qsd writes its pid file after its exports listen and before it
+            // accepts connections: the file's existence means "ready" (the
+            // socket file alone appears between bind and listen).
+            .arg("--pidfile")
+            .arg(s.dir.path().join("qsd.pid"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -82,11 +89,12 @@ impl Qsd {
             });
         let mut d = Qsd { child };
         let t = Instant::now();
-        while !s.sock.exists() {
+        let pidfile = s.dir.path().join("qsd.pid");
+        while !pidfile.exists() {
             if let Some(status) = d.child.try_wait().unwrap() {
                 panic!("{QSD} exited early: {status}");
             }
-            assert!(t.elapsed() < Duration::from_secs(10), "{QSD} did not create its socket within 10 s");
+            assert!(t.elapsed() < Duration::from_secs(10), "{QSD} did not get ready (pid file) within 10 s");
             std::thread::sleep(Duration::from_millis(10));
         }
         d
