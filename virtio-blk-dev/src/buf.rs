@@ -20,15 +20,18 @@ use virtio_transport_api::DmaRegion;
 #[derive(Debug)]
 pub struct DmaBuf {
     region: Arc<DmaRegion>,
-    offset: usize,
+    /// The device address of the first byte, computed once here: submitting
+    /// a request reads it without going through the `Arc`. The offset in
+    /// the region is `iova - region.iova()`.
+    iova: u64,
     len: usize,
 }
 
 impl DmaBuf {
     /// The whole of `region` as one buffer.
     pub fn new(region: DmaRegion) -> Self {
-        let len = region.len();
-        DmaBuf { region: Arc::new(region), offset: 0, len }
+        let (len, iova) = (region.len(), region.iova());
+        DmaBuf { region: Arc::new(region), iova, len }
     }
 
     /// Splits `region` into `count` disjoint buffers of `len` bytes each,
@@ -39,11 +42,13 @@ impl DmaBuf {
         if stride.checked_mul(count)? > region.len() || len == 0 {
             return None;
         }
+        let iova = region.iova();
         let region = Arc::new(region);
-        Some((0..count).map(|i| DmaBuf { region: region.clone(), offset: i * stride, len }).collect())
+        Some((0..count).map(|i| DmaBuf { region: region.clone(), iova: iova.wrapping_add((i * stride) as u64), len }).collect())
     }
 
     /// Length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -54,15 +59,17 @@ impl DmaBuf {
     }
 
     /// The device address of the first byte.
+    #[inline]
     pub fn iova(&self) -> u64 {
-        self.region.iova() + self.offset as u64
+        self.iova
     }
 
     fn mem(&self) -> SharedMemory<'_> {
         let whole = self.region.shared_memory();
+        let offset = self.iova.wrapping_sub(self.region.iova()) as usize;
         // `offset` is a multiple of 16 and the buffer lies inside the region
         // (checked in `split`), so the window exists.
-        whole.slice(self.offset, self.len).unwrap_or(SharedMemory::new(&[]))
+        whole.slice(offset, self.len).unwrap_or(SharedMemory::new(&[]))
     }
 
     /// Copies `data` into the buffer at `offset`; `false` if it does not fit.
