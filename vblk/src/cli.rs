@@ -224,9 +224,13 @@ pub struct BenchArgs {
     /// Busy-poll the used ring for completions (default).
     #[arg(long, conflicts_with = "interrupt")]
     pub poll: bool,
-    /// Sleep on the completion eventfd (BlkQueue::wait) between completions.
+    /// Sleep on the completion eventfd (BlkQueue::wait) when nothing has completed.
     #[arg(long)]
     pub interrupt: bool,
+    /// With --interrupt: wake up after the first completion, instead of asking the device
+    /// (EVENT_IDX) to signal once about 3/4 of the requests in flight have completed.
+    #[arg(long)]
+    pub no_batch_completions: bool,
     /// Print one JSON object on stdout instead of text, and no progress.
     #[arg(long)]
     pub json: bool,

@@ -103,6 +103,25 @@ impl Histogram {
     }
 }
 
+/// Timestamps as nanoseconds since a start `Instant`, so that per-request start times are
+/// plain `u64`s and a latency is one subtraction. The benchmark loops read the clock once per
+/// pass (`Instant::now`, vDSO) and convert it once with [`Clock::ns`].
+#[derive(Clone, Copy, Debug)]
+pub struct Clock(std::time::Instant);
+
+impl Clock {
+    /// A clock that counts from `t0`.
+    pub fn new(t0: std::time::Instant) -> Self {
+        Clock(t0)
+    }
+
+    /// Nanoseconds from the start to `t` (0 if `t` is earlier).
+    #[inline]
+    pub fn ns(&self, t: std::time::Instant) -> u64 {
+        t.saturating_duration_since(self.0).as_nanos() as u64
+    }
+}
+
 /// User plus system CPU time of the calling thread, in nanoseconds (getrusage(RUSAGE_THREAD)).
 pub fn thread_cpu_ns() -> u64 {
     // SAFETY: rusage is plain data; all-zero is a valid value.

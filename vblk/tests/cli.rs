@@ -265,6 +265,11 @@ fn bench(target: &[&str], rw: &str, mode: &str) -> serde_json::Value {
     assert!(p50 > 0 && p50 <= p99 && p99 <= p999, "{ctx}");
     assert!(lat["mean"].as_f64().unwrap() > 0.0, "{ctx}");
     assert!(v["target"].is_string(), "{ctx}");
+    assert_eq!(v["batch_completions"], mode == "--interrupt", "{ctx}");
+    assert!(v["kicks"].is_u64() && v["waits"].is_u64(), "{ctx}");
+    if mode == "--poll" {
+        assert_eq!(v["waits"], 0, "{ctx}");
+    }
     v
 }
 
@@ -291,6 +296,20 @@ fn bench_over_vhost_user() {
     let v = bench(&["--vhost-user", srv.sock()], "randrw", "--interrupt");
     assert_eq!(v["target"], format!("vhost-user:{}", srv.sock()));
     bench(&["--vhost-user", srv.sock()], "read", "--poll");
+    let v = json(&ok(&[
+        "bench",
+        "--json",
+        "--runtime",
+        "0.3",
+        "--interrupt",
+        "--no-batch-completions",
+        "--iodepth",
+        "8",
+        "--vhost-user",
+        srv.sock(),
+    ]));
+    assert_eq!(v["batch_completions"], false, "{v}");
+    assert!(v["ios"].as_u64().unwrap() > 0 && v["errors"] == 0, "{v}");
 }
 
 #[test]

@@ -19,7 +19,7 @@ use clap::{Parser, ValueEnum};
 #[path = "../../../vblk/src/stats.rs"]
 mod stats;
 
-use stats::{thread_cpu_ns, Histogram, SplitMix64};
+use stats::{thread_cpu_ns, Clock, Histogram, SplitMix64};
 use virtio_driver::{
     EventFd, QueueNotifier, VhostUser, VirtioBlkFeatureFlags, VirtioBlkQueue, VirtioBlkTransport, VirtioFeatureFlags,
 };
@@ -42,6 +42,10 @@ const SPINS_PER_CLOCK: u32 = 32;
 
 /// How long requests still in flight at the end of the run may take (as in `vblk bench`).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Marks a slot in the pass's completion list whose request failed (slots are below
+/// `iodepth` <= 10922).
+const FAILED: u16 = 1 << 15;
 
 /// Benchmark libblkio's `virtio-driver` 0.6.1 against a vhost-user-blk back-end.
 #[derive(Parser, Debug)]
@@ -241,12 +245,13 @@ struct Report {
     elapsed: Duration,
     cpu_ns: u64,
     hist: Histogram,
-    /// Passes that found completions, kicks sent, sleeps on the eventfd (for `--verbose`).
+    /// Passes that found completions, kicks sent, sleeps on the eventfd.
     counts: Counts,
 }
 
-/// Event counts of the measured loop, printed with `--verbose` to explain CPU per I/O.
-#[derive(Default, Debug)]
+/// Event counts of the measured interval (from the first submission to the end of the
+/// runtime), printed with `--verbose` and in the JSON to explain CPU per I/O.
+#[derive(Default, Debug, Clone, Copy)]
 struct Counts {
     batches: u64,
     kicks: u64,
@@ -416,10 +421,11 @@ fn kick(queue: &mut VirtioBlkQueue<'_, u16>, notifier: &dyn QueueNotifier, kicks
 /// The measured loop: keep `iodepth` requests in flight for `runtime` seconds, shaped like
 /// `vblk bench`'s worker.
 ///
-/// Each completion is taken with one clock read, its latency recorded, and its buffer
-/// resubmitted at once with that same timestamp. The device is kicked (if it asks for kicks)
-/// once per batch of completions, after the used ring is empty: virtio-driver leaves kicking to
-/// the caller, and batching is what libblkio's `do_io` does. With nothing completed, `--poll`
+/// It works in passes, as `vblk bench` does: drain every completion the used ring holds, read
+/// the clock once for all of them, record their latencies, resubmit their slots with that
+/// timestamp, and kick the device (if it asks for kicks) once for the batch: virtio-driver
+/// leaves kicking to the caller, and one kick per batch is what libblkio's `do_io` does (an
+/// application gets its completions from `do_io`, then queues the next requests). With nothing completed, `--poll`
 /// spins on the used ring (notifications stay off); `--interrupt` enables used-buffer
 /// notifications, re-checks the ring, and sleeps in poll(2) on the completion eventfd,
 /// disabling notifications again once woken, as libblkio does.
@@ -438,7 +444,10 @@ fn bench(
     let interrupt = args.interrupt;
     let mut offsets = Offsets::new(args.rw.is_random(), capacity, args.bs);
     let mut hist = Histogram::default();
-    let mut started = vec![Instant::now(); depth];
+    // Start time of the request in each slot, in `Clock` nanoseconds.
+    let mut started = vec![0u64; depth];
+    // Slots completed in the current pass (never grows past `iodepth`).
+    let mut done: Vec<u16> = Vec::with_capacity(depth);
     let mut counts = Counts::default();
     let (mut ios, mut errors) = (0u64, 0u64);
 
@@ -449,50 +458,58 @@ fn bench(
 
     let cpu0 = thread_cpu_ns();
     let t0 = Instant::now();
+    let clock = Clock::new(t0);
     let mut deadline = t0 + Duration::from_secs_f64(args.runtime);
     for slot in 0..args.iodepth {
         submit(queue, args, &mut offsets, buffers, slot)?;
-        started[usize::from(slot)] = t0;
+        started[usize::from(slot)] = 0;
     }
     kick(queue, notifier, &mut counts.kicks)?;
     let mut in_flight = depth;
     let mut now = t0;
-    // Set when the measured interval ends: its length and the CPU time used in it.
-    let mut end: Option<(Duration, u64)> = None;
+    // Set when the measured interval ends: its length, the CPU time used in it and the event
+    // counts up to then.
+    let mut end: Option<(Duration, u64, Counts)> = None;
     let mut spins = 0u32;
     loop {
         if end.is_none() && now >= deadline {
-            end = Some((now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0)));
+            end = Some((now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0), counts));
             deadline = now;
         }
         if in_flight == 0 {
             break;
         }
-        let mut got = false;
-        let mut resubmitted = false;
+        // One pass, as in `vblk bench`: drain every completion the used ring holds, then one
+        // clock read for all of them, record, resubmit their slots, one kick decision.
+        let measuring = end.is_none();
         while let Some(c) = queue.completions().next() {
-            now = Instant::now();
-            got = true;
             in_flight -= 1;
-            let slot = c.context;
-            if end.is_none() {
-                if c.ret == 0 {
-                    hist.record(now.saturating_duration_since(started[usize::from(slot)]).as_nanos() as u64);
-                    ios += 1;
-                } else {
-                    errors += 1;
-                }
-                if now < deadline {
-                    submit(queue, args, &mut offsets, buffers, slot)?;
-                    started[usize::from(slot)] = now;
-                    in_flight += 1;
-                    resubmitted = true;
-                }
+            if c.ret == 0 {
+                done.push(c.context);
+            } else {
+                errors += 1;
+                done.push(c.context | FAILED);
             }
         }
-        if got {
+        if !done.is_empty() {
             counts.batches += 1;
-            if resubmitted {
+            now = Instant::now();
+            let now_ns = clock.ns(now);
+            let resubmit = measuring && now < deadline;
+            for &entry in &done {
+                let slot = entry & !FAILED;
+                if measuring && entry & FAILED == 0 {
+                    hist.record(now_ns.saturating_sub(started[usize::from(slot)]));
+                    ios += 1;
+                }
+                if resubmit {
+                    submit(queue, args, &mut offsets, buffers, slot)?;
+                    started[usize::from(slot)] = now_ns;
+                    in_flight += 1;
+                }
+            }
+            done.clear();
+            if resubmit {
                 kick(queue, notifier, &mut counts.kicks)?;
             }
             continue;
@@ -524,7 +541,8 @@ fn bench(
             return Err(format!("{in_flight} requests did not complete within {DRAIN_TIMEOUT:?} after the run"));
         }
     }
-    let (elapsed, cpu_ns) = end.unwrap_or_else(|| (now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0)));
+    let (elapsed, cpu_ns, counts) =
+        end.unwrap_or_else(|| (now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0), counts));
     Ok(Report { ios, errors, elapsed, cpu_ns, hist, counts })
 }
 
@@ -568,6 +586,8 @@ fn print_report(args: &Args, r: &Report) {
             "iodepth": args.iodepth,
             "queues": args.queues,
             "mode": mode,
+            // vblk bench's option; virtio-driver has no such thing.
+            "batch_completions": false,
             "runtime_s": secs,
             "ios": r.ios,
             "read_ios": read_ios,
@@ -582,6 +602,8 @@ fn print_report(args: &Args, r: &Report) {
                 "p99_9": p999,
             },
             "cpu_ns_per_io": cpu_per_io,
+            "kicks": r.counts.kicks,
+            "waits": r.counts.sleeps,
         });
         println!("{v}");
     } else {

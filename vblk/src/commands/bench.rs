@@ -1,11 +1,14 @@
 //! `vblk bench`: fio-like load with `iodepth` requests in flight on each of `queues` queues,
 //! one worker thread per queue.
 //!
-//! Each worker owns its `BlkQueue` and `iodepth` pre-allocated `DmaBuf`s; a completed request's
-//! buffer is resubmitted at once with the same tag. Per request the loop reads the clock once
-//! (vDSO, no system call), records the latency in a fixed-size histogram and stores its I/O
-//! count for the progress line; the only system calls are the kicks the device asks for and,
-//! with `--interrupt`, the eventfd waits.
+//! Each worker owns its `BlkQueue` and `iodepth` pre-allocated `DmaBuf`s. The loop works in
+//! passes: it drains every completion the used ring holds (`poll` until `None`), reads the clock
+//! once (vDSO, no system call) for all of them, records their latencies in a fixed-size
+//! histogram, resubmits their buffers with the same tags and makes the batch visible with one
+//! `publish` (one kick decision per pass). With `--interrupt`, a pass that finds nothing sleeps
+//! in `BlkQueue::wait`, by default with batched completions (`set_batch_completions`). The only
+//! system calls are the kicks the device asks for and those sleeps; the reference tool
+//! (`bench/virtio-driver-ref`) runs the same passes.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -14,17 +17,19 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use virtio_blk_dev::{Bufs, DmaBuf, RequestKind};
+use virtio_blk_dev::{Bufs, Completion, DmaBuf, RequestKind};
 
 use crate::cli::{BenchArgs, Rw};
 use crate::signals;
-use crate::stats::{human_bytes, human_count, human_ns, thread_cpu_ns, Histogram, SplitMix64};
+use crate::stats::{human_bytes, human_count, human_ns, thread_cpu_ns, Clock, Histogram, SplitMix64};
 use crate::target::{self, Queue};
 
 /// How long requests still in flight at the end of the run may take before they count as errors.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Empty polls between two clock reads while nothing completes.
 const SPINS_PER_CLOCK: u32 = 32;
+/// Marks a tag in `Worker::done` whose request failed (tags are below `iodepth` <= 32768).
+const FAILED: usize = 1 << 31;
 
 /// What one worker does.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +44,8 @@ struct Job {
     /// Sequential patterns: the block this worker starts at.
     first_block: u64,
     interrupt: bool,
+    /// With `interrupt`: `BlkQueue::set_batch_completions`.
+    batch_completions: bool,
     runtime: Duration,
     seed: u64,
 }
@@ -54,6 +61,10 @@ struct Outcome {
     first_error: Option<String>,
     cpu_ns: u64,
     elapsed: Duration,
+    /// Kicks sent in the measured interval.
+    kicks: u64,
+    /// Sleeps on the completion eventfd in the measured interval.
+    waits: u64,
 }
 
 impl Outcome {
@@ -100,17 +111,30 @@ impl Picker {
 struct Worker {
     q: Queue,
     slots: Vec<Option<DmaBuf>>,
-    started: Vec<Instant>,
+    /// Start time of the request in each slot, in `Clock` nanoseconds.
+    started: Vec<u64>,
+    /// Tags completed in the current pass (capacity `iodepth`: never grows).
+    done: Vec<usize>,
     picker: Picker,
     out: Outcome,
     in_flight: usize,
 }
 
+/// Where the measured interval ended: its length, and the worker's CPU time, kicks and sleeps
+/// in it.
+#[derive(Clone, Copy)]
+struct Mark {
+    elapsed: Duration,
+    cpu_ns: u64,
+    kicks: u64,
+    waits: u64,
+}
+
 impl Worker {
-    /// Submits a request in slot `tag`, started at `now`. On refusal the buffer goes back to
-    /// its slot and the error is counted.
+    /// Submits a request in slot `tag`, started at `now` (`Clock` nanoseconds), without
+    /// publishing it. On refusal the buffer goes back to its slot and the error is counted.
     #[inline]
-    fn submit(&mut self, tag: usize, now: Instant) {
+    fn submit(&mut self, tag: usize, now: u64) {
         let Some(buf) = self.slots.get_mut(tag).and_then(Option::take) else { return };
         let (offset, write) = self.picker.pick();
         if let Some(s) = self.started.get_mut(tag) {
@@ -133,38 +157,92 @@ impl Worker {
         }
     }
 
+    /// Makes the requests submitted in this pass visible: one kick at most.
+    #[inline]
+    fn publish(&mut self) {
+        if let Err(e) = self.q.publish() {
+            // The queue completes every request in flight with this error; they are counted
+            // as they come back.
+            self.out.error(|| format!("publish failed: {e}"));
+        }
+    }
+
+    /// Takes one completion: its buffer back into its slot, its tag into `done` when it
+    /// succeeded, its direction counted when `measuring`; errors are counted either way.
+    #[inline]
+    fn take(&mut self, c: Completion, measuring: bool) {
+        self.in_flight -= 1;
+        let tag = c.tag as usize;
+        if let Bufs::One(b) = c.bufs {
+            if let Some(s) = self.slots.get_mut(tag) {
+                *s = Some(b);
+            }
+        }
+        match c.result {
+            Ok(()) => {
+                if measuring {
+                    if c.kind == RequestKind::Write {
+                        self.out.writes += 1;
+                    } else {
+                        self.out.reads += 1;
+                    }
+                }
+                self.done.push(tag);
+            }
+            Err(e) => {
+                self.out.error(|| e.to_string());
+                // Resubmitted like a success, but without a latency.
+                self.done.push(tag | FAILED);
+            }
+        }
+    }
+
+    fn mark(&self, t0: Instant, now: Instant, cpu0: u64, kicks0: u64, waits0: u64) -> Mark {
+        Mark {
+            elapsed: now.duration_since(t0),
+            cpu_ns: thread_cpu_ns().saturating_sub(cpu0),
+            kicks: self.q.kicks() - kicks0,
+            waits: self.q.waits() - waits0,
+        }
+    }
+
     /// Runs the job; hands the queue back, to be dropped with the target once every worker is done.
     fn run(mut self, barrier: &Barrier, progress: &Progress) -> (Outcome, Queue) {
         let job = self.picker.job;
+        self.q.set_batch_completions(job.interrupt && job.batch_completions);
         barrier.wait();
         let cpu0 = thread_cpu_ns();
+        let (kicks0, waits0) = (self.q.kicks(), self.q.waits());
         let t0 = Instant::now();
+        let clock = Clock::new(t0);
         let mut deadline = t0 + job.runtime;
         for tag in 0..self.slots.len() {
-            self.submit(tag, t0);
+            self.submit(tag, 0);
         }
+        self.publish();
         let mut now = t0;
-        // Set when the measured interval ends: its length and the CPU time used in it.
-        let mut end: Option<(Duration, u64)> = None;
+        // Set when the measured interval ends.
+        let mut end: Option<Mark> = None;
         let mut spins = 0u32;
         loop {
             if end.is_none() && (now >= deadline || signals::stop_requested()) {
-                end = Some((now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0)));
+                end = Some(self.mark(t0, now, cpu0, kicks0, waits0));
                 deadline = now;
             }
             if self.in_flight == 0 {
                 break;
             }
-            let c = if job.interrupt {
+            let measuring = end.is_none();
+            // One pass: everything the used ring holds now.
+            let mut first = self.q.poll();
+            if first.is_none() && job.interrupt {
                 let limit = match end {
                     None => deadline.saturating_duration_since(now),
                     Some(_) => (deadline + DRAIN_TIMEOUT).saturating_duration_since(now),
                 };
-                self.q.wait(Some(limit))
-            } else {
-                self.q.poll()
-            };
-            let Some(c) = c else {
+                first = self.q.wait(Some(limit));
+            }
+            let Some(c) = first else {
                 spins += 1;
                 if job.interrupt || spins >= SPINS_PER_CLOCK {
                     spins = 0;
@@ -178,40 +256,46 @@ impl Worker {
                         }
                         break;
                     }
+                } else {
+                    std::hint::spin_loop();
                 }
                 continue;
             };
+            self.take(c, measuring);
+            while let Some(c) = self.q.poll() {
+                self.take(c, measuring);
+            }
+            // One clock read for the whole pass: the completion time of its requests and the
+            // start time of the ones resubmitted in their slots.
             now = Instant::now();
-            self.in_flight -= 1;
-            let tag = c.tag as usize;
-            if let Bufs::One(b) = c.bufs {
-                if let Some(s) = self.slots.get_mut(tag) {
-                    *s = Some(b);
+            let now_ns = clock.ns(now);
+            let resubmit = measuring && now < deadline;
+            let mut done = std::mem::take(&mut self.done);
+            for &entry in &done {
+                let tag = entry & !FAILED;
+                if measuring && entry & FAILED == 0 {
+                    let lat = self.started.get(tag).map_or(0, |&s| now_ns.saturating_sub(s));
+                    self.out.hist.record(lat);
+                    self.out.ios += 1;
+                }
+                if resubmit {
+                    self.submit(tag, now_ns);
                 }
             }
-            match c.result {
-                Ok(()) => {
-                    if end.is_none() {
-                        let lat = self.started.get(tag).map_or(0, |s| now.saturating_duration_since(*s).as_nanos());
-                        self.out.hist.record(lat as u64);
-                        self.out.ios += 1;
-                        if c.kind == RequestKind::Write {
-                            self.out.writes += 1;
-                        } else {
-                            self.out.reads += 1;
-                        }
-                        progress.0.store(self.out.ios, Ordering::Relaxed);
-                    }
-                }
-                Err(e) => self.out.error(|| e.to_string()),
+            done.clear();
+            self.done = done;
+            if measuring {
+                progress.0.store(self.out.ios, Ordering::Relaxed);
             }
-            if end.is_none() && now < deadline {
-                self.submit(tag, now);
+            if resubmit {
+                self.publish();
             }
         }
-        let (elapsed, cpu) = end.unwrap_or_else(|| (now.duration_since(t0), thread_cpu_ns().saturating_sub(cpu0)));
-        self.out.elapsed = elapsed;
-        self.out.cpu_ns = cpu;
+        let m = end.unwrap_or_else(|| self.mark(t0, now, cpu0, kicks0, waits0));
+        self.out.elapsed = m.elapsed;
+        self.out.cpu_ns = m.cpu_ns;
+        self.out.kicks = m.kicks;
+        self.out.waits = m.waits;
         (self.out, self.q)
     }
 }
@@ -224,6 +308,7 @@ struct Report {
     iodepth: u16,
     queues: u16,
     interrupt: bool,
+    batch_completions: bool,
     runtime_s: f64,
     total: Outcome,
     cpu_ns_per_io: f64,
@@ -238,6 +323,23 @@ impl Report {
         }
     }
 
+    /// `n` events per I/O completed in the measured interval.
+    fn per_io(&self, n: u64) -> f64 {
+        if self.total.ios > 0 {
+            n as f64 / self.total.ios as f64
+        } else {
+            0.0
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.interrupt {
+            "interrupt"
+        } else {
+            "poll"
+        }
+    }
+
     fn json(&self) -> serde_json::Value {
         let h = &self.total.hist;
         serde_json::json!({
@@ -246,7 +348,8 @@ impl Report {
             "bs": self.bs,
             "iodepth": self.iodepth,
             "queues": self.queues,
-            "mode": if self.interrupt { "interrupt" } else { "poll" },
+            "mode": self.mode(),
+            "batch_completions": self.batch_completions,
             "runtime_s": self.runtime_s,
             "ios": self.total.ios,
             "read_ios": self.total.reads,
@@ -261,6 +364,8 @@ impl Report {
                 "p99_9": h.quantile(0.999),
             },
             "cpu_ns_per_io": self.cpu_ns_per_io,
+            "kicks": self.total.kicks,
+            "waits": self.total.waits,
         })
     }
 
@@ -273,13 +378,18 @@ impl Report {
              iops:    {}\n  \
              bw:      {}/s\n  \
              latency: mean {}, p50 {}, p99 {}, p99.9 {}\n  \
-             cpu/io:  {} (user+sys of the {} worker thread{})\n",
+             cpu/io:  {} (user+sys of the {} worker thread{})\n  \
+             events:  {:.3} kicks, {:.3} waits per I/O\n",
             self.target,
             self.rw.name(),
             human_bytes(self.bs),
             self.iodepth,
             self.queues,
-            if self.interrupt { "interrupt" } else { "poll" },
+            match (self.interrupt, self.batch_completions) {
+                (true, true) => "interrupt (batched completions)",
+                (true, false) => "interrupt",
+                (false, _) => "poll",
+            },
             self.runtime_s,
             t.ios,
             t.reads,
@@ -294,6 +404,8 @@ impl Report {
             human_ns(self.cpu_ns_per_io),
             self.queues,
             if self.queues == 1 { "" } else { "s" },
+            self.per_io(t.kicks),
+            self.per_io(t.waits),
         )
     }
 }
@@ -361,13 +473,15 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             blocks,
             first_block: blocks / u64::from(nq) * i as u64,
             interrupt: a.interrupt,
+            batch_completions: !a.no_batch_completions,
             runtime: Duration::from_secs_f64(a.runtime),
             seed: 0x5eed ^ (i as u64).wrapping_mul(0x9e37_79b9),
         };
         workers.push(Worker {
             q,
             slots: bufs.into_iter().map(Some).collect(),
-            started: vec![Instant::now(); depth],
+            started: vec![0; depth],
+            done: Vec::with_capacity(depth),
             picker: Picker { job, rng: SplitMix64::new(job.seed), next: job.first_block },
             out: Outcome::default(),
             in_flight: 0,
@@ -415,6 +529,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         total.writes += o.writes;
         total.errors += o.errors;
         total.cpu_ns += o.cpu_ns;
+        total.kicks += o.kicks;
+        total.waits += o.waits;
         runtime = runtime.max(o.elapsed);
         if total.first_error.is_none() {
             total.first_error.clone_from(&o.first_error);
@@ -428,6 +544,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         iodepth: a.iodepth,
         queues: nq,
         interrupt: a.interrupt,
+        batch_completions: a.interrupt && !a.no_batch_completions,
         runtime_s: runtime.as_secs_f64(),
         total,
         cpu_ns_per_io,
@@ -458,6 +575,7 @@ mod tests {
             blocks,
             first_block,
             interrupt: false,
+            batch_completions: false,
             runtime: Duration::from_secs(1),
             seed: 3,
         };
