@@ -47,7 +47,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const RUN_GRACE: Duration = Duration::from_secs(60);
 
 const USAGE: &str = "\
-usage: cargo xtask compare [--runs N] [--runtime S] [--only uvirtio|ref] [--backend qsd|serve]
+usage: cargo xtask compare [--runs N] [--runtime S] [--only uvirtio|ref] [--backend qsd,serve]
                            [--depths 1,32,128] [--modes poll,interrupt] [--ref-packed] [--json]";
 
 /// The two drivers, in the order they alternate.
@@ -161,11 +161,15 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
                 }
             }
             "--backend" => {
-                o.backends = match value()?.as_str() {
-                    "qsd" => vec![Backend::Qsd],
-                    "serve" => vec![Backend::Serve],
-                    other => return Err(format!("--backend `{other}`: use qsd or serve")),
-                }
+                let v = value()?;
+                o.backends = v
+                    .split(',')
+                    .map(|b| match b.trim() {
+                        "qsd" => Ok(Backend::Qsd),
+                        "serve" => Ok(Backend::Serve),
+                        other => Err(format!("--backend `{other}`: use qsd, serve or both (qsd,serve)")),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
             }
             "--depths" => {
                 let v = value()?;
@@ -387,6 +391,10 @@ pub(crate) struct Figures {
     p99_ns: f64,
     cpu_ns_per_io: f64,
     errors: f64,
+    /// Kicks and sleeps on the completion eventfd per I/O, when the tool reports them (NaN
+    /// otherwise): shown per run, to explain CPU per I/O.
+    kicks_per_io: f64,
+    waits_per_io: f64,
 }
 
 impl Figures {
@@ -400,12 +408,19 @@ impl Figures {
             Some(Json::Str(m)) if m == mode.name() => {}
             other => return Err(format!("result is for mode {other:?}, not {}", mode.name())),
         }
+        let ios = v.num("ios")?;
+        let per_io = |key: &str| match v.num(key) {
+            Ok(n) if ios > 0.0 => n / ios,
+            _ => f64::NAN,
+        };
         Ok(Figures {
             iops: v.num("iops")?,
             p50_ns: v.num("lat_ns.p50")?,
             p99_ns: v.num("lat_ns.p99")?,
             cpu_ns_per_io: v.num("cpu_ns_per_io")?,
             errors: v.num("errors")?,
+            kicks_per_io: per_io("kicks"),
+            waits_per_io: per_io("waits"),
         })
     }
 }
@@ -435,6 +450,8 @@ pub(crate) fn median_figures(runs: &[Figures]) -> Option<Figures> {
         p99_ns: m(|f| f.p99_ns)?,
         cpu_ns_per_io: m(|f| f.cpu_ns_per_io)?,
         errors: runs.iter().map(|f| f.errors).sum(),
+        kicks_per_io: m(|f| f.kicks_per_io).unwrap_or(f64::NAN),
+        waits_per_io: m(|f| f.waits_per_io).unwrap_or(f64::NAN),
     })
 }
 
@@ -774,10 +791,12 @@ pub(crate) fn compare(root: &Path, args: &[String]) -> Result {
                         });
                         match &outcome {
                             Ok((_, f)) => eprintln!(
-                                "{:.0} IOPS, p50 {:.1} µs, {:.0} CPU ns/IO{}",
+                                "{:.0} IOPS, p50 {:.1} µs, {:.0} CPU ns/IO, {:.3} kicks/IO, {:.3} waits/IO{}",
                                 f.iops,
                                 f.p50_ns / 1000.0,
                                 f.cpu_ns_per_io,
+                                f.kicks_per_io,
+                                f.waits_per_io,
                                 if f.errors > 0.0 { format!(", {} ERRORS", f.errors) } else { String::new() }
                             ),
                             Err(e) => eprintln!("FAILED: {e}"),
@@ -845,7 +864,7 @@ mod tests {
     use super::*;
 
     const SAMPLE: &str = r#"{"bs":4096,"bw_bytes_per_s":216354168.45,"cpu_ns_per_io":8960.7,"errors":0,
-        "iodepth":32,"iops":52820.8,"ios":105642,"lat_ns":{"mean":18932.4,"p50":17871,"p99":38239,
+        "iodepth":32,"iops":52820.8,"ios":105642,"kicks":52821,"waits":0,"lat_ns":{"mean":18932.4,"p50":17871,"p99":38239,
         "p99_9":54847},"mode":"interrupt","queues":1,"read_ios":105642,"runtime_s":2.000005986,
         "rw":"randread","target":"vhost-user:/tmp/a \"b\"\u00e9","write_ios":0}"#;
 
@@ -853,7 +872,20 @@ mod tests {
     fn parses_a_bench_result() {
         let v = Json::parse(SAMPLE).unwrap();
         let f = Figures::from_json(&v, 32, Mode::Interrupt).unwrap();
-        assert_eq!(f, Figures { iops: 52820.8, p50_ns: 17871.0, p99_ns: 38239.0, cpu_ns_per_io: 8960.7, errors: 0.0 });
+        let want = Figures {
+            iops: 52820.8,
+            p50_ns: 17871.0,
+            p99_ns: 38239.0,
+            cpu_ns_per_io: 8960.7,
+            errors: 0.0,
+            kicks_per_io: 0.5,
+            waits_per_io: 0.0,
+        };
+        assert_eq!(f, want);
+        // Tools that do not count kicks and waits still parse.
+        let old = Json::parse(&SAMPLE.replace("\"kicks\":52821,\"waits\":0,", "")).unwrap();
+        let f = Figures::from_json(&old, 32, Mode::Interrupt).unwrap();
+        assert!(f.kicks_per_io.is_nan() && f.waits_per_io.is_nan() && f.iops == want.iops);
         assert_eq!(v.get("target"), Some(&Json::Str("vhost-user:/tmp/a \"b\"é".into())));
         assert!(Figures::from_json(&v, 1, Mode::Interrupt).is_err());
         assert!(Figures::from_json(&v, 32, Mode::Poll).is_err());
@@ -878,14 +910,30 @@ mod tests {
         assert_eq!(median(&[3.0]), Some(3.0));
         assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
-        let f = |iops: f64, cpu: f64| Figures { iops, p50_ns: iops, p99_ns: 1.0, cpu_ns_per_io: cpu, errors: 0.0 };
+        let f = |iops: f64, cpu: f64| Figures {
+            iops,
+            p50_ns: iops,
+            p99_ns: 1.0,
+            cpu_ns_per_io: cpu,
+            errors: 0.0,
+            kicks_per_io: 0.0,
+            waits_per_io: 0.0,
+        };
         let m = median_figures(&[f(1.0, 30.0), f(9.0, 10.0), f(5.0, 20.0)]).unwrap();
         assert_eq!((m.iops, m.cpu_ns_per_io, m.p50_ns), (5.0, 20.0, 5.0));
     }
 
     #[test]
     fn verdicts_follow_issue_3() {
-        let f = |iops: f64, cpu: f64| Figures { iops, p50_ns: 0.0, p99_ns: 0.0, cpu_ns_per_io: cpu, errors: 0.0 };
+        let f = |iops: f64, cpu: f64| Figures {
+            iops,
+            p50_ns: 0.0,
+            p99_ns: 0.0,
+            cpu_ns_per_io: cpu,
+            errors: 0.0,
+            kicks_per_io: 0.0,
+            waits_per_io: 0.0,
+        };
         assert_eq!(verdict(1, Mode::Interrupt, &f(10.0, 100.0), &f(9.0, 100.0)), "met");
         assert_eq!(verdict(32, Mode::Interrupt, &f(10.0, 60.0), &f(9.0, 100.0)), "CPU");
         assert_eq!(verdict(128, Mode::Poll, &f(8.0, 60.0), &f(9.0, 100.0)), "IOPS");
@@ -904,6 +952,9 @@ mod tests {
             (1, 2.0, vec![Driver::Ref], vec![Mode::Poll], vec![1, 8], true)
         );
         assert!(!o.ref_packed && a(&["--ref-packed"]).unwrap().ref_packed);
+        assert_eq!(a(&["--backend", "serve,qsd"]).unwrap().backends, [Backend::Serve, Backend::Qsd]);
+        assert_eq!(a(&["--backend=qsd"]).unwrap().backends, [Backend::Qsd]);
+        assert!(a(&["--backend", "qsd,spdk"]).is_err());
         assert!(a(&["--runs", "0"]).is_err());
         assert!(a(&["--only", "fio"]).is_err());
         assert!(a(&["--bogus"]).is_err());
@@ -912,7 +963,15 @@ mod tests {
     #[test]
     fn json_output_embeds_raw_results() {
         let opts = parse_args(&[]).unwrap();
-        let f = Figures { iops: 1.0, p50_ns: 1.0, p99_ns: 1.0, cpu_ns_per_io: 1.0, errors: 0.0 };
+        let f = Figures {
+            iops: 1.0,
+            p50_ns: 1.0,
+            p99_ns: 1.0,
+            cpu_ns_per_io: 1.0,
+            errors: 0.0,
+            kicks_per_io: 0.0,
+            waits_per_io: 0.0,
+        };
         let runs = vec![
             Run {
                 config: (Backend::Qsd, 1, Mode::Poll),
