@@ -8,15 +8,15 @@
 //!
 //! Each round submits `BATCH` 4 KiB reads (`submit_read` of an owned
 //! `DmaBuf`), publishes them, lets the device serve them (`process()`, in this
-//! thread but outside the counted functions) and polls every completion,
-//! taking the buffers back. Queue size 256, EVENT_IDX, direct descriptors,
+//! thread but outside the counted functions) and takes every completion with
+//! `poll_each`, taking the buffers back. Queue size 256, EVENT_IDX, direct descriptors,
 //! split or packed. `cargo xtask bench` runs it at two request counts per case
 //! and divides the difference, so start-up cost cancels out.
 
 use std::hint::black_box;
 
 use virtio_blk_dev::loopback::RamDisk;
-use virtio_blk_dev::{BlkDevice, BlkOptions, BlkQueue, Bufs, DmaBuf};
+use virtio_blk_dev::{BlkDevice, BlkError, BlkOptions, BlkQueue, Bufs, DmaBuf};
 use virtio_transport_api::loopback::{LoopbackTransport, ServiceMode};
 
 type Transport = LoopbackTransport<RamDisk>;
@@ -42,20 +42,36 @@ fn driver_side_submit(q: &mut BlkQueue<Transport>, free: &mut Vec<DmaBuf>, n: u3
     }
 }
 
-/// Polls every completion, puts the buffers back; returns the sum of tags.
+/// Takes every completion (`poll_each`), puts the buffers back; returns the
+/// sum of tags.
 #[inline(never)]
 fn driver_side_complete(q: &mut BlkQueue<Transport>, free: &mut Vec<DmaBuf>) -> u64 {
     let mut sum = 0;
-    while let Some(c) = q.poll() {
-        let tag = c.tag;
-        c.result.unwrap_or_else(|e| panic!("request {tag}: {e}"));
-        sum += tag;
+    q.poll_each(|c| {
+        sum += c.tag;
+        if let Err(e) = c.result {
+            failed(c.tag, e);
+        }
         match c.bufs {
             Bufs::One(b) => free.push(b),
-            _ => panic!("a read gives its one buffer back"),
+            other => lost(c.tag, other),
         }
-    }
+    });
     sum
+}
+
+/// A request that failed.
+#[cold]
+#[inline(never)]
+fn failed(tag: u64, e: BlkError) -> ! {
+    panic!("request {tag}: {e}")
+}
+
+/// A read that did not give its one buffer back.
+#[cold]
+#[inline(never)]
+fn lost(tag: u64, bufs: Bufs) -> ! {
+    panic!("request {tag}: a read gives its one buffer back, not {bufs:?}")
 }
 
 fn main() {

@@ -44,7 +44,8 @@ impl DmaBuf {
         }
         let iova = region.iova();
         let region = Arc::new(region);
-        Some((0..count).map(|i| DmaBuf { region: region.clone(), iova: iova.wrapping_add((i * stride) as u64), len }).collect())
+        let buf = |i: usize| DmaBuf { region: region.clone(), iova: iova.wrapping_add((i * stride) as u64), len };
+        Some((0..count).map(buf).collect())
     }
 
     /// Length in bytes.

@@ -253,6 +253,72 @@ fn a_device_breaking_the_ring_fails_every_request_and_later_ones() {
     assert_followed_protocol(&h);
 }
 
+/// Completions taken with `poll_each` until `n` have come (the device runs
+/// in its own thread), or panics after 5 s.
+fn poll_each_until(q: &mut virtio_blk_dev::BlkQueue<Fake>, n: usize) -> Vec<virtio_blk_dev::Completion> {
+    let mut out = Vec::new();
+    let t = std::time::Instant::now();
+    while out.len() < n {
+        let got = q.poll_each(|c| out.push(c));
+        assert!(got <= n, "{got} completions for {n} requests");
+        assert!(t.elapsed() < Duration::from_secs(5), "{} of {n} completions", out.len());
+        std::thread::yield_now();
+    }
+    out
+}
+
+/// `poll_each` hands back what `poll` does: the buffers, typed status errors,
+/// the GET_ID bytes, and every request of a broken ring.
+#[test]
+fn poll_each_gives_what_poll_gives() {
+    for packed in [false, true] {
+        let options = BlkOptions { packed, ..Default::default() };
+        let (mut dev, h) = open(fake(all_blk(), all_ring(), 1), options);
+        let bufs = dev.alloc_bufs(4096, 6).unwrap();
+        let mut q = dev.take_queue(0).unwrap();
+        for (i, b) in bufs.into_iter().enumerate() {
+            // Tags 0..4 on the bad sectors, 4 and 5 on good ones.
+            let sector = if i < 4 { BAD_SECTOR + 8 * i as u64 } else { 8 * i as u64 };
+            q.submit_read(sector * 512, b, i as u64).unwrap();
+        }
+        q.submit_get_id(6).unwrap();
+        q.submit_flush(7).unwrap();
+        // Not published: poll_each publishes first.
+        let mut done = poll_each_until(&mut q, 8);
+        done.sort_by_key(|c| c.tag);
+        let statuses = [DeviceStatus::IoErr, DeviceStatus::NotWritten, DeviceStatus::Other(7), DeviceStatus::Unsupp];
+        for (c, want) in done.iter().zip(statuses) {
+            assert!(matches!(c.result, Err(BlkError::Device(s)) if s == want), "{:?}", c.result);
+            assert!(matches!(c.bufs, Bufs::One(_)), "the buffer comes back even on error");
+        }
+        for c in &done[4..6] {
+            assert!(c.result.is_ok() && matches!(c.bufs, Bufs::One(_)) && c.kind == RequestKind::Read);
+        }
+        assert_eq!(done[6].kind, RequestKind::GetId);
+        assert_eq!(&done[6].id.expect("an id")[..12], b"model-serial");
+        assert!(done[7].result.is_ok() && done[7].kind == RequestKind::Flush);
+        assert_eq!(q.poll_each(|_| panic!("nothing left")), 0);
+        assert_eq!(q.in_flight(), 0);
+        assert_followed_protocol(&h);
+    }
+
+    // A device that breaks the ring: every request still completes once.
+    let fake = fake_with(all_blk(), all_ring(), 1, true);
+    let (mut dev, h) = open(fake, BlkOptions { packed: false, in_order: false, ..Default::default() });
+    let bufs = dev.alloc_bufs(4096, 4).unwrap();
+    let mut q = dev.take_queue(0).unwrap();
+    q.submit_get_id(100).unwrap();
+    for (i, b) in bufs.into_iter().enumerate() {
+        q.submit_read(i as u64 * 4096, b, i as u64).unwrap();
+    }
+    let done = poll_each_until(&mut q, 5);
+    assert!(done.iter().any(|c| matches!(c.result, Err(BlkError::Queue(virtio_queue_core::Error::Broken(_))))));
+    assert_eq!(done.iter().filter(|c| matches!(c.bufs, Bufs::One(_))).count(), 4, "every buffer came back");
+    assert_eq!(q.poll_each(|_| panic!("nothing left")), 0);
+    assert!(matches!(q.submit_flush(1), Err(BlkError::Queue(_))));
+    assert_followed_protocol(&h);
+}
+
 /// A queue dropped with a request in flight leaves its memory (ring, header,
 /// status byte) registered until the device is gone: the device may still
 /// serve that request, and must find the memory it was given.

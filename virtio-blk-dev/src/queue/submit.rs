@@ -1,0 +1,346 @@
+//! Submission: the request header and status preset in the request's area,
+//! the chain, and publishing a batch.
+//!
+//! A request takes a free id (see [`super::Requests`]), writes its area,
+//! adds its chain with the id as token, and only then records its state and
+//! takes ownership of its buffers; if the ring refuses the chain, the id goes
+//! back on the free list and the buffers back to the caller.
+
+use virtio_queue_core::{Buffer, DriverQueue, SharedMemory};
+use virtio_transport_api::{Notifier, Transport};
+
+use super::{BlkQueue, Bufs, Rejected, RequestKind, AREA, A_HDR, A_ID, A_SEG, A_STATUS, S_PRESET};
+use crate::buf::DmaBuf;
+use crate::config::BlkFeatures;
+use crate::error::{BlkError, Result};
+use crate::spec::{
+    segment as seg_bytes, HEADER_LEN, ID_LEN, SECTOR_SIZE, SEGMENT_LEN, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    T_SECURE_ERASE, T_WRITE_ZEROES, WRITE_ZEROES_FLAG_UNMAP,
+};
+
+/// The data buffers of a request being enqueued by [`BlkQueue::enqueue`].
+pub(super) enum Data<'a> {
+    /// No data (flush, get-id, discard-like).
+    None,
+    /// One device address (raw submissions, the bounce buffer).
+    Raw(Buffer),
+    /// Several caller buffers (readv, writev).
+    Many(&'a [DmaBuf]),
+}
+
+/// Writes the header of the request in the area at `area` and presets its
+/// status byte: three 8-byte stores (the status word holds only the status
+/// byte; the ID buffer starts after it). `area` is `id * AREA` for an id
+/// below the queue size, and `areas` holds one area per id; were it not,
+/// nothing would be written and the request would complete as "status not
+/// written".
+#[inline(always)]
+fn write_header(areas: &SharedMemory<'_>, area: usize, ty: u32, sector: u64) {
+    // A copy of the view, so that its length stays in a register across the
+    // stores, and one bounds check for the three.
+    let areas = *areas;
+    if area + AREA > areas.len() {
+        return;
+    }
+    areas.write_le_u64(area + A_HDR, u64::from(ty));
+    areas.write_le_u64(area + A_HDR + 8, sector);
+    areas.write_le_u64(area + A_STATUS, u64::from(S_PRESET));
+}
+
+impl<T: Transport> BlkQueue<T> {
+    /// A free id for a one-buffer request of `len` bytes at `offset`, if
+    /// every check passes and the queue has room: one branch when they do.
+    #[inline(always)]
+    fn take_id_one(&mut self, offset: u64, len: u64, write: bool) -> Result<u16> {
+        if self.fast.one_ok(offset, len, write) & !self.failed {
+            if let Some(id) = self.reqs.free.pop() {
+                return Ok(id);
+            }
+        }
+        self.take_id_one_slow(offset, len, write)
+    }
+
+    /// [`BlkQueue::take_id_one`] with the checks one by one, for the error.
+    #[cold]
+    #[inline(never)]
+    fn take_id_one_slow(&mut self, offset: u64, len: u64, write: bool) -> Result<u16> {
+        self.check_one(offset, len, write)?;
+        self.take_id()
+    }
+
+    /// A free id, if the queue is usable and not full.
+    fn take_id(&mut self) -> Result<u16> {
+        self.check_live()?;
+        self.reqs.free.pop().ok_or(BlkError::QueueFull)
+    }
+
+    /// A one-buffer read or write: the hot path, with the chain built on the
+    /// stack. The buffer moves once, into the request's state, before the
+    /// chain is added (the device sees nothing until then); if the ring
+    /// refuses the chain it comes back out.
+    #[inline(always)]
+    fn submit_one(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
+        let len = buf.len() as u64;
+        let id = match self.take_id_one(offset, len, write) {
+            Ok(id) => id,
+            Err(error) => return Err(Rejected { error, bufs: buf }),
+        };
+        // `len` fits in 32 bits (checked above).
+        let data = Buffer::new(buf.iova(), len as u32);
+        let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
+        // `id` is below the queue size, and `state` has one entry per id.
+        let Some(r) = self.reqs.state.get_mut(id as usize) else {
+            return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
+        };
+        r.tag = tag;
+        r.kind = kind;
+        r.internal = false;
+        r.bufs = Bufs::One(buf);
+        let area = id as usize * AREA;
+        write_header(&self.areas, area, ty, offset / SECTOR_SIZE);
+        let iova = self.areas_iova + area as u64;
+        let header = Buffer::new(iova + A_HDR as u64, HEADER_LEN as u32);
+        let status = Buffer::new(iova + A_STATUS as u64, 1);
+        let added = if write {
+            self.vq.add(&[header, data], &[status], id)
+        } else {
+            self.vq.add(&[header], &[data, status], id)
+        };
+        if let Err(e) = added {
+            return Err(self.refused_one(id, e.error));
+        }
+        self.unpublished = true;
+        Ok(())
+    }
+
+    /// The ring refused the chain of the one-buffer request `id`: its buffer
+    /// goes back to the caller and the id is free again.
+    #[cold]
+    #[inline(never)]
+    fn refused_one(&mut self, id: u16, e: virtio_queue_core::Error) -> Rejected<DmaBuf> {
+        let bufs = self.reqs.state.get_mut(id as usize).map(|r| std::mem::take(&mut r.bufs));
+        match bufs {
+            Some(Bufs::One(buf)) => self.refused(id, e, buf),
+            // Not reached: the buffer was stored under `id` just before.
+            _ => unreachable!("the buffer of a refused request is in its state"),
+        }
+    }
+
+    /// The ring refused the chain of `id`: the id is free again.
+    #[cold]
+    #[inline(never)]
+    fn refused<B>(&mut self, id: u16, e: virtio_queue_core::Error, bufs: B) -> Rejected<B> {
+        self.reqs.free.push(id);
+        Rejected { error: BlkError::from(e), bufs }
+    }
+
+    /// Adds any request: header, `data` (device-readable for a write, else
+    /// device-writable), the discard-like `segment`, the ID buffer of a
+    /// GET_ID and the status byte. Returns its id; its buffers, if any, are
+    /// attached by the caller with [`BlkQueue::attach`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn enqueue(
+        &mut self,
+        kind: RequestKind,
+        ty: u32,
+        sector: u64,
+        data: Data<'_>,
+        segment: Option<(u64, u32, u32)>,
+        tag: u64,
+        internal: bool,
+    ) -> Result<u16> {
+        let id = self.take_id()?;
+        let area = id as usize * AREA;
+        let iova = self.areas_iova + area as u64;
+        write_header(&self.areas, area, ty, sector);
+        let write = kind == RequestKind::Write;
+        let (readable, writable) = (&mut self.readable, &mut self.writable);
+        readable.clear();
+        writable.clear();
+        readable.push(Buffer::new(iova + A_HDR as u64, HEADER_LEN as u32));
+        let dir = if write { &mut *readable } else { &mut *writable };
+        match data {
+            Data::None => {}
+            Data::Raw(b) => dir.push(b),
+            Data::Many(bufs) => dir.extend(bufs.iter().map(|b| Buffer::new(b.iova(), b.len() as u32))),
+        }
+        if let Some((s, n, flags)) = segment {
+            self.areas.write_bytes(area + A_SEG, &seg_bytes(s, n, flags));
+            readable.push(Buffer::new(iova + A_SEG as u64, SEGMENT_LEN as u32));
+        }
+        if kind == RequestKind::GetId {
+            writable.push(Buffer::new(iova + A_ID as u64, ID_LEN as u32));
+        }
+        writable.push(Buffer::new(iova + A_STATUS as u64, 1));
+        if let Err(e) = self.vq.add(readable, writable, id) {
+            return Err(self.refused(id, e.error, ()).error);
+        }
+        self.unpublished = true;
+        if let Some(r) = self.reqs.state.get_mut(id as usize) {
+            r.tag = tag;
+            r.kind = kind;
+            r.internal = internal;
+        }
+        Ok(id)
+    }
+
+    /// Hands `bufs` to request `id`, which [`BlkQueue::enqueue`] just added.
+    fn attach(&mut self, id: u16, bufs: Bufs) {
+        if let Some(r) = self.reqs.state.get_mut(id as usize) {
+            r.bufs = bufs;
+        }
+    }
+
+    fn submit_many(
+        &mut self,
+        offset: u64,
+        bufs: Vec<DmaBuf>,
+        tag: u64,
+        write: bool,
+    ) -> Result<(), Rejected<Vec<DmaBuf>>> {
+        let checks = || -> Result<()> {
+            if write {
+                self.check_writable()?;
+            }
+            let total = self.check_segments(&bufs)?;
+            self.check_range(offset, total)
+        };
+        if let Err(error) = checks() {
+            return Err(Rejected { error, bufs });
+        }
+        let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
+        match self.enqueue(kind, ty, offset / SECTOR_SIZE, Data::Many(&bufs), None, tag, false) {
+            Ok(id) => {
+                self.attach(id, Bufs::Many(bufs));
+                Ok(())
+            }
+            Err(error) => Err(Rejected { error, bufs }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at byte `offset` into `buf`. The buffer comes
+    /// back in the [`super::Completion`] (or with the error if it was refused).
+    #[inline]
+    pub fn submit_read(&mut self, offset: u64, buf: DmaBuf, tag: u64) -> Result<(), Rejected<DmaBuf>> {
+        self.submit_one(offset, buf, tag, false)
+    }
+
+    /// Writes `buf` at byte `offset`.
+    #[inline]
+    pub fn submit_write(&mut self, offset: u64, buf: DmaBuf, tag: u64) -> Result<(), Rejected<DmaBuf>> {
+        self.submit_one(offset, buf, tag, true)
+    }
+
+    /// Reads into several buffers, in order, starting at byte `offset`.
+    pub fn submit_readv(&mut self, offset: u64, bufs: Vec<DmaBuf>, tag: u64) -> Result<(), Rejected<Vec<DmaBuf>>> {
+        self.submit_many(offset, bufs, tag, false)
+    }
+
+    /// Writes several buffers, in order, starting at byte `offset`.
+    pub fn submit_writev(&mut self, offset: u64, bufs: Vec<DmaBuf>, tag: u64) -> Result<(), Rejected<Vec<DmaBuf>>> {
+        self.submit_many(offset, bufs, tag, true)
+    }
+
+    /// Reads `len` bytes at byte `offset` into device memory at `iova`.
+    ///
+    /// # Safety
+    ///
+    /// `iova .. iova + len` must be device-visible memory (mapped with
+    /// [`Transport::map_memory`] or allocated with [`Transport::alloc_dma`])
+    /// that stays mapped, and is neither freed, reused nor accessed through
+    /// Rust references, until the [`super::Completion`] with `tag` has been
+    /// returned by [`BlkQueue::poll`] or [`BlkQueue::wait`]. If the queue is
+    /// dropped first, until the transport is dropped or the device reset.
+    pub unsafe fn submit_read_raw(&mut self, offset: u64, iova: u64, len: u32, tag: u64) -> Result<()> {
+        self.submit_raw(offset, iova, len, tag, false)
+    }
+
+    /// Writes `len` bytes from device memory at `iova` to byte `offset`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`BlkQueue::submit_read_raw`]; the memory must also not be
+    /// written while the request is in flight.
+    pub unsafe fn submit_write_raw(&mut self, offset: u64, iova: u64, len: u32, tag: u64) -> Result<()> {
+        self.submit_raw(offset, iova, len, tag, true)
+    }
+
+    fn submit_raw(&mut self, offset: u64, iova: u64, len: u32, tag: u64, write: bool) -> Result<()> {
+        self.check_one(offset, len.into(), write)?;
+        self.enqueue_data(write, offset, Buffer::new(iova, len), tag, false).map(drop)
+    }
+
+    /// Adds a read or write of the device memory `data` at byte `offset`
+    /// (raw submissions and the bounce buffer).
+    pub(super) fn enqueue_data(
+        &mut self,
+        write: bool,
+        offset: u64,
+        data: Buffer,
+        tag: u64,
+        internal: bool,
+    ) -> Result<u16> {
+        let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
+        self.enqueue(kind, ty, offset / SECTOR_SIZE, Data::Raw(data), None, tag, internal)
+    }
+
+    /// Flushes the device's write cache (VIRTIO_BLK_F_FLUSH).
+    pub fn submit_flush(&mut self, tag: u64) -> Result<()> {
+        self.check_feature(BlkFeatures::FLUSH)?;
+        self.enqueue(RequestKind::Flush, T_FLUSH, 0, Data::None, None, tag, false).map(drop)
+    }
+
+    /// Asks for the device ID (20 bytes, in [`super::Completion::id`]).
+    pub fn submit_get_id(&mut self, tag: u64) -> Result<()> {
+        self.enqueue(RequestKind::GetId, T_GET_ID, 0, Data::None, None, tag, false).map(drop)
+    }
+
+    /// Discards `len` bytes at byte `offset` (VIRTIO_BLK_F_DISCARD).
+    pub fn submit_discard(&mut self, offset: u64, len: u64, tag: u64) -> Result<()> {
+        self.check_discard_like(offset, len, BlkFeatures::DISCARD, self.limits.max_discard_sectors)?;
+        let seg = (offset / SECTOR_SIZE, (len / SECTOR_SIZE) as u32, 0);
+        self.enqueue(RequestKind::Discard, T_DISCARD, 0, Data::None, Some(seg), tag, false).map(drop)
+    }
+
+    /// Writes zeroes over `len` bytes at byte `offset`, letting the device
+    /// deallocate them if `unmap` (VIRTIO_BLK_F_WRITE_ZEROES).
+    pub fn submit_write_zeroes(&mut self, offset: u64, len: u64, unmap: bool, tag: u64) -> Result<()> {
+        self.check_discard_like(offset, len, BlkFeatures::WRITE_ZEROES, self.limits.max_write_zeroes_sectors)?;
+        let flags = if unmap { WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+        let seg = (offset / SECTOR_SIZE, (len / SECTOR_SIZE) as u32, flags);
+        self.enqueue(RequestKind::WriteZeroes, T_WRITE_ZEROES, 0, Data::None, Some(seg), tag, false).map(drop)
+    }
+
+    /// Securely erases `len` bytes at byte `offset` (VIRTIO_BLK_F_SECURE_ERASE).
+    pub fn submit_secure_erase(&mut self, offset: u64, len: u64, tag: u64) -> Result<()> {
+        self.check_discard_like(offset, len, BlkFeatures::SECURE_ERASE, self.limits.max_secure_erase_sectors)?;
+        let seg = (offset / SECTOR_SIZE, (len / SECTOR_SIZE) as u32, 0);
+        self.enqueue(RequestKind::SecureErase, T_SECURE_ERASE, 0, Data::None, Some(seg), tag, false).map(drop)
+    }
+
+    /// Makes the requests submitted since the last call visible to the
+    /// device, and kicks it if it asked for that.
+    pub fn publish(&mut self) -> Result<()> {
+        if !self.unpublished {
+            return Ok(());
+        }
+        self.unpublished = false;
+        match self.vq.publish() {
+            Ok(true) => {
+                self.kicks += 1;
+                if let Err(e) = self.notifier.notify() {
+                    let err = BlkError::Transport(e);
+                    self.fail_all(&err);
+                    return Err(err);
+                }
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                let err = BlkError::Queue(e);
+                self.fail_all(&err);
+                Err(err)
+            }
+        }
+    }
+}
