@@ -112,7 +112,7 @@ const BENCH_CHECK_BATCH: u32 = 32;
 const BENCH_BUDGETS: &[(&str, f64)] = &[("split", 120.0), ("packed", 150.0)];
 
 /// The crate, example and feature of the `BlkQueue` count that `bench` runs after the ring's:
-/// 4 KiB `submit_read`s of owned `DmaBuf`s, `publish`, `poll`, against the loopback RAM disk.
+/// 4 KiB `submit_read`s of owned `DmaBuf`s, `publish`, `poll_each`, against the loopback RAM disk.
 const BLK_CRATE: &str = "virtio-blk-dev";
 /// See [`BLK_CRATE`].
 const BLK_EXAMPLE: &str = "blk-count";
@@ -772,7 +772,9 @@ fn bench_blk(root: &Path, tmp: &Path) -> Result<Vec<String>> {
         }
     }
     println!();
-    println!("BlkQueue: 4 KiB submit_read + publish + poll, loopback RAM disk ({BLK_CRATE}/examples/{BLK_EXAMPLE})");
+    println!(
+        "BlkQueue: 4 KiB submit_read + publish + poll_each, loopback RAM disk ({BLK_CRATE}/examples/{BLK_EXAMPLE})"
+    );
     println!("{:<8}  {:>5}  {:>13}  {:>6}", "format", "batch", "instr/request", "target");
     let mut over = Vec::new();
     for &(format, batch, per_request) in &rows {

@@ -95,7 +95,10 @@ impl<T: Transport> BlkQueue<T> {
         r.tag = tag;
         r.kind = kind;
         r.internal = false;
-        r.bufs = Bufs::One(buf);
+        // A free id's buffers are always `Bufs::None` (see `ReqState`): there
+        // is nothing to drop, so skip the drop check. Were it not so, the old
+        // buffers would be leaked, never freed while the device may use them.
+        std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One(buf)));
         let area = id as usize * AREA;
         write_header(&self.areas, area, ty, offset / SECTOR_SIZE);
         let iova = self.areas_iova + area as u64;
