@@ -2,7 +2,7 @@
 //! one worker thread per queue.
 //!
 //! Each worker owns its `BlkQueue` and `iodepth` pre-allocated `DmaBuf`s. The loop works in
-//! passes: it drains every completion the used ring holds (`poll` until `None`), reads the clock
+//! passes: it drains every completion the used ring holds (`poll_each`), reads the clock
 //! once (vDSO, no system call) for all of them, records their latencies in a fixed-size
 //! histogram, resubmits their buffers with the same tags and makes the batch visible with one
 //! `publish` (one kick decision per pass). With `--interrupt`, a pass that finds nothing sleeps
@@ -108,6 +108,44 @@ impl Picker {
     }
 }
 
+/// Takes one completion: its buffer back into its slot, its tag into `done` (marked
+/// [`FAILED`] if it failed), its direction counted when `measuring`; errors are counted either
+/// way.
+#[inline(always)]
+fn take(
+    slots: &mut [Option<DmaBuf>],
+    done: &mut Vec<usize>,
+    out: &mut Outcome,
+    in_flight: &mut usize,
+    c: Completion,
+    measuring: bool,
+) {
+    *in_flight -= 1;
+    let tag = c.tag as usize;
+    if let Bufs::One(b) = c.bufs {
+        if let Some(s) = slots.get_mut(tag) {
+            *s = Some(b);
+        }
+    }
+    match c.result {
+        Ok(()) => {
+            if measuring {
+                if c.kind == RequestKind::Write {
+                    out.writes += 1;
+                } else {
+                    out.reads += 1;
+                }
+            }
+            done.push(tag);
+        }
+        Err(e) => {
+            out.error(|| e.to_string());
+            // Resubmitted like a success, but without a latency.
+            done.push(tag | FAILED);
+        }
+    }
+}
+
 struct Worker {
     q: Queue,
     slots: Vec<Option<DmaBuf>>,
@@ -167,34 +205,11 @@ impl Worker {
         }
     }
 
-    /// Takes one completion: its buffer back into its slot, its tag into `done` when it
-    /// succeeded, its direction counted when `measuring`; errors are counted either way.
+    /// Drains every completion the used ring holds into `done` ([`take`]); returns how many.
     #[inline]
-    fn take(&mut self, c: Completion, measuring: bool) {
-        self.in_flight -= 1;
-        let tag = c.tag as usize;
-        if let Bufs::One(b) = c.bufs {
-            if let Some(s) = self.slots.get_mut(tag) {
-                *s = Some(b);
-            }
-        }
-        match c.result {
-            Ok(()) => {
-                if measuring {
-                    if c.kind == RequestKind::Write {
-                        self.out.writes += 1;
-                    } else {
-                        self.out.reads += 1;
-                    }
-                }
-                self.done.push(tag);
-            }
-            Err(e) => {
-                self.out.error(|| e.to_string());
-                // Resubmitted like a success, but without a latency.
-                self.done.push(tag | FAILED);
-            }
-        }
+    fn drain(&mut self, measuring: bool) -> usize {
+        let Worker { q, slots, done, out, in_flight, .. } = self;
+        q.poll_each(|c| take(slots, done, out, in_flight, c, measuring))
     }
 
     fn mark(&self, t0: Instant, now: Instant, cpu0: u64, kicks0: u64, waits0: u64) -> Mark {
@@ -234,15 +249,19 @@ impl Worker {
             }
             let measuring = end.is_none();
             // One pass: everything the used ring holds now.
-            let mut first = self.q.poll();
-            if first.is_none() && job.interrupt {
+            let mut got = self.drain(measuring);
+            if got == 0 && job.interrupt {
                 let limit = match end {
                     None => deadline.saturating_duration_since(now),
                     Some(_) => (deadline + DRAIN_TIMEOUT).saturating_duration_since(now),
                 };
-                first = self.q.wait(Some(limit));
+                if let Some(c) = self.q.wait(Some(limit)) {
+                    let Worker { slots, done, out, in_flight, .. } = &mut self;
+                    take(slots, done, out, in_flight, c, measuring);
+                    got = 1 + self.drain(measuring);
+                }
             }
-            let Some(c) = first else {
+            if got == 0 {
                 spins += 1;
                 if job.interrupt || spins >= SPINS_PER_CLOCK {
                     spins = 0;
@@ -260,10 +279,6 @@ impl Worker {
                     std::hint::spin_loop();
                 }
                 continue;
-            };
-            self.take(c, measuring);
-            while let Some(c) = self.q.poll() {
-                self.take(c, measuring);
             }
             // One clock read for the whole pass: the completion time of its requests and the
             // start time of the ones resubmitted in their slots.
