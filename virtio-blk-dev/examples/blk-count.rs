@@ -53,7 +53,8 @@ fn driver_side_complete(q: &mut BlkQueue<Transport>, free: &mut Vec<DmaBuf>) -> 
             failed(c.tag, e);
         }
         match c.bufs {
-            Bufs::One(b) => free.push(b),
+            // Room for every buffer was reserved: the push never grows.
+            Bufs::One(b) if free.len() < free.capacity() => free.push(b),
             other => lost(c.tag, other),
         }
     });

@@ -143,12 +143,47 @@ impl Default for ReqState {
 /// and the device-visible areas have one entry per id.
 struct Requests {
     state: Box<[ReqState]>,
-    free: Vec<u16>,
+    free: FreeIds,
 }
 
 impl Requests {
     fn new(size: u16) -> Self {
-        Requests { state: (0..size).map(|_| ReqState::default()).collect(), free: (0..size).rev().collect() }
+        Requests { state: (0..size).map(|_| ReqState::default()).collect(), free: FreeIds::new(size) }
+    }
+}
+
+/// The free request ids: a stack in an array with room for every id, so
+/// that neither taking nor giving back an id can allocate or panic (a `Vec`
+/// would carry a growth path, and the unwinding it implies, into the hot
+/// loops).
+struct FreeIds {
+    ids: Box<[u16]>,
+    /// `ids[..len]` are free.
+    len: usize,
+}
+
+impl FreeIds {
+    fn new(size: u16) -> Self {
+        FreeIds { ids: (0..size).rev().collect(), len: usize::from(size) }
+    }
+
+    #[inline(always)]
+    fn pop(&mut self) -> Option<u16> {
+        let len = self.len.checked_sub(1)?;
+        let id = *self.ids.get(len)?;
+        self.len = len;
+        Some(id)
+    }
+
+    /// Gives `id` back. Each id is given back once per time it was taken
+    /// (see [`Requests`]), so there is always room; were there not, the id
+    /// would be dropped, never a slot overwritten.
+    #[inline(always)]
+    fn push(&mut self, id: u16) {
+        if let Some(slot) = self.ids.get_mut(self.len) {
+            *slot = id;
+            self.len += 1;
+        }
     }
 }
 
