@@ -132,6 +132,21 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         self.size
     }
 
+    /// The id the next chain [`add`](Self::add)ed will have: its buffer ID,
+    /// below the queue size and different from the id of every chain in
+    /// flight; `None` when no ID is free (an `add` would fail). The next
+    /// `add` takes exactly this id, so a device crate can place per-chain
+    /// memory (a request header, a status byte) by it before adding the
+    /// chain. A read of two fields: nothing on the `add` path changes.
+    #[inline(always)]
+    pub fn next_id(&self) -> Option<u16> {
+        if self.slots.num_free() == 0 {
+            None
+        } else {
+            Some(self.slots.free_head())
+        }
+    }
+
     /// Free ring positions.
     pub fn free_descriptors(&self) -> u16 {
         self.free_positions

@@ -180,6 +180,22 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.layout.queue_size()
     }
 
+    /// The id the next chain [`add`](Self::add)ed will have: the index of
+    /// its head descriptor, below the queue size and different from the id of
+    /// every chain in flight; `None` when no descriptor is free (an `add`
+    /// would fail). The next `add` takes exactly this id, so a device crate
+    /// can place per-chain memory (a request header, a status byte) by it
+    /// before adding the chain. A read of two fields: nothing on the `add`
+    /// path changes.
+    #[inline(always)]
+    pub fn next_id(&self) -> Option<u16> {
+        if self.slots.num_free() == 0 {
+            None
+        } else {
+            Some(self.slots.free_head())
+        }
+    }
+
     /// Free descriptors.
     pub fn free_descriptors(&self) -> u16 {
         self.slots.num_free()

@@ -121,6 +121,16 @@ impl<'a, T, S: SlotStorage<T>> Virtqueue<'a, T, S> {
             SplitQueue::new(config, slots).map(Virtqueue::Split)
         }
     }
+
+    /// The id the next chain added will have ([`SplitQueue::next_id`],
+    /// [`PackedQueue::next_id`]).
+    #[inline(always)]
+    pub fn next_id(&self) -> Option<u16> {
+        match self {
+            Virtqueue::Split(q) => q.next_id(),
+            Virtqueue::Packed(q) => q.next_id(),
+        }
+    }
 }
 
 macro_rules! dispatch {

@@ -90,6 +90,8 @@ enum Dev<'a> {
 #[derive(Clone, Debug)]
 struct Chain {
     token: u32,
+    /// The id `next_id` promised before the add.
+    id: u16,
     buffers: Vec<(Buffer, bool)>,
     ring_descs: u16,
     writable: u32,
@@ -170,14 +172,16 @@ fn run(cfg: Config, ops: &[Op]) {
                     Ok(())
                 };
                 let before = (q.in_flight(), q.free_descriptors());
+                let next_id = q.next_id();
                 match q.add(&r, &w, token) {
                     Ok(()) => {
                         assert_eq!(expected, Ok(()), "add succeeded");
+                        let id = next_id.expect("an add succeeded while next_id said no id was free");
                         let mut buffers: Vec<(Buffer, bool)> = r.iter().map(|b| (*b, false)).collect();
                         buffers.extend(w.iter().map(|b| (*b, true)));
                         let writable = writable.iter().sum();
                         ring_descs.insert(token, need);
-                        unpublished.push_back(Chain { token, buffers, ring_descs: need, writable });
+                        unpublished.push_back(Chain { token, id, buffers, ring_descs: need, writable });
                         in_flight += 1;
                         used_ring_descs += need;
                     }
@@ -216,6 +220,7 @@ fn run(cfg: Config, ops: &[Op]) {
                             chain.descriptors().iter().map(|d| (Buffer::new(d.addr, d.len), d.writable)).collect();
                         assert_eq!(seen, c.buffers, "device sees other buffers than were added");
                         assert_eq!(chain.ring_descs, c.ring_descs);
+                        assert_eq!(chain.id, c.id, "the chain's id is not the one next_id promised");
                         at_device.push((c, chain));
                     }
                 }
