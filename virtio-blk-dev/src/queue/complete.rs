@@ -28,8 +28,8 @@ fn status_error(status: u8) -> BlkError {
 }
 
 impl Requests {
-    /// Request `id`, which the ring just handed back, to `f`; the id is free
-    /// again. On the hot path (status OK, not a GET_ID) the completion is
+    /// Request `id`, which the ring just handed back (the id is free again),
+    /// to `f`. On the hot path (status OK, not a GET_ID) the completion is
     /// built straight into its consumer, with a constant `result` and `id`;
     /// the other cases go through [`complete_slow`], out of line.
     #[inline(always)]
@@ -37,7 +37,6 @@ impl Requests {
         let area = id as usize * AREA;
         // Unreadable (not reached: one area per id): not written.
         let status = areas.read_le_u64(area + A_STATUS).map_or(S_PRESET, |w| w as u8);
-        self.free.push(id);
         let Some(r) = self.state.get_mut(id as usize) else {
             return complete_slow(areas, ReqState::default(), status, area, f);
         };
@@ -79,7 +78,6 @@ impl<T: Transport> BlkQueue<T> {
         self.vq.reset(|id| ids.push(id));
         for id in ids {
             let r = self.reqs.state.get_mut(id as usize).map(std::mem::take).unwrap_or_default();
-            self.reqs.free.push(id);
             let result = Err(match err {
                 BlkError::Transport(e) => {
                     BlkError::Transport(Error::new(e.transport(), e.step(), Cause::Disconnected(e.to_string())))

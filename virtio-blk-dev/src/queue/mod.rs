@@ -134,56 +134,22 @@ impl Default for ReqState {
     }
 }
 
-/// Request ids and their state.
+/// The state of every request id.
 ///
-/// Ids are `0..queue size`. An id is either on `free` or in flight: the
-/// core queue carries it as the chain's token and hands it back exactly once
-/// (`pop_used` or `reset`), after checking everything the device wrote, so a
-/// device can never make the driver complete or reuse an id twice. `state`
+/// A request's id is the id of its chain in the core queue
+/// ([`Virtqueue::next_id`], taken just before the chain is added): below the
+/// queue size, and unique among the chains in flight. The core hands the id
+/// back, as the chain's token, exactly once (`pop_used` or `reset`) and only
+/// after checking everything the device wrote, so a device can never make the
+/// driver complete a request twice or reuse an id still in flight. `state`
 /// and the device-visible areas have one entry per id.
 struct Requests {
     state: Box<[ReqState]>,
-    free: FreeIds,
 }
 
 impl Requests {
     fn new(size: u16) -> Self {
-        Requests { state: (0..size).map(|_| ReqState::default()).collect(), free: FreeIds::new(size) }
-    }
-}
-
-/// The free request ids: a stack in an array with room for every id, so
-/// that neither taking nor giving back an id can allocate or panic (a `Vec`
-/// would carry a growth path, and the unwinding it implies, into the hot
-/// loops).
-struct FreeIds {
-    ids: Box<[u16]>,
-    /// `ids[..len]` are free.
-    len: usize,
-}
-
-impl FreeIds {
-    fn new(size: u16) -> Self {
-        FreeIds { ids: (0..size).rev().collect(), len: usize::from(size) }
-    }
-
-    #[inline(always)]
-    fn pop(&mut self) -> Option<u16> {
-        let len = self.len.checked_sub(1)?;
-        let id = *self.ids.get(len)?;
-        self.len = len;
-        Some(id)
-    }
-
-    /// Gives `id` back. Each id is given back once per time it was taken
-    /// (see [`Requests`]), so there is always room; were there not, the id
-    /// would be dropped, never a slot overwritten.
-    #[inline(always)]
-    fn push(&mut self, id: u16) {
-        if let Some(slot) = self.ids.get_mut(self.len) {
-            *slot = id;
-            self.len += 1;
-        }
+        Requests { state: (0..size).map(|_| ReqState::default()).collect() }
     }
 }
 

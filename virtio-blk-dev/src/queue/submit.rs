@@ -1,10 +1,10 @@
 //! Submission: the request header and status preset in the request's area,
 //! the chain, and publishing a batch.
 //!
-//! A request takes a free id (see [`super::Requests`]), writes its area,
-//! adds its chain with the id as token, and only then records its state and
-//! takes ownership of its buffers; if the ring refuses the chain, the id goes
-//! back on the free list and the buffers back to the caller.
+//! A request takes the id its chain will have (see [`super::Requests`]),
+//! writes its area, records its state, and adds its chain with the id as
+//! token; if the ring refuses the chain, its buffers go back to the caller
+//! and the id stays free.
 
 use virtio_queue_core::{Buffer, DriverQueue, SharedMemory};
 use virtio_transport_api::{Notifier, Transport};
@@ -53,7 +53,7 @@ impl<T: Transport> BlkQueue<T> {
     #[inline(always)]
     fn take_id_one(&mut self, offset: u64, len: u64, write: bool) -> Result<u16> {
         if self.fast.one_ok(offset, len, write) & !self.failed {
-            if let Some(id) = self.reqs.free.pop() {
+            if let Some(id) = self.vq.next_id() {
                 return Ok(id);
             }
         }
@@ -71,7 +71,7 @@ impl<T: Transport> BlkQueue<T> {
     /// A free id, if the queue is usable and not full.
     fn take_id(&mut self) -> Result<u16> {
         self.check_live()?;
-        self.reqs.free.pop().ok_or(BlkError::QueueFull)
+        self.vq.next_id().ok_or(BlkError::QueueFull)
     }
 
     /// A one-buffer read or write: the hot path, with the chain built on the
@@ -117,23 +117,23 @@ impl<T: Transport> BlkQueue<T> {
     }
 
     /// The ring refused the chain of the one-buffer request `id`: its buffer
-    /// goes back to the caller and the id is free again.
+    /// goes back to the caller.
     #[cold]
     #[inline(never)]
     fn refused_one(&mut self, id: u16, e: virtio_queue_core::Error) -> Rejected<DmaBuf> {
         let bufs = self.reqs.state.get_mut(id as usize).map(|r| std::mem::take(&mut r.bufs));
         match bufs {
-            Some(Bufs::One(buf)) => self.refused(id, e, buf),
+            Some(Bufs::One(buf)) => Self::refused(e, buf),
             // Not reached: the buffer was stored under `id` just before.
             _ => unreachable!("the buffer of a refused request is in its state"),
         }
     }
 
-    /// The ring refused the chain of `id`: the id is free again.
+    /// The ring refused a chain (the core queue is as before: its id is
+    /// still free).
     #[cold]
     #[inline(never)]
-    fn refused<B>(&mut self, id: u16, e: virtio_queue_core::Error, bufs: B) -> Rejected<B> {
-        self.reqs.free.push(id);
+    fn refused<B>(e: virtio_queue_core::Error, bufs: B) -> Rejected<B> {
         Rejected { error: BlkError::from(e), bufs }
     }
 
@@ -176,7 +176,7 @@ impl<T: Transport> BlkQueue<T> {
         }
         writable.push(Buffer::new(iova + A_STATUS as u64, 1));
         if let Err(e) = self.vq.add(readable, writable, id) {
-            return Err(self.refused(id, e.error, ()).error);
+            return Err(Self::refused(e.error, ()).error);
         }
         self.unpublished = true;
         if let Some(r) = self.reqs.state.get_mut(id as usize) {
