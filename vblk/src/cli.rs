@@ -228,7 +228,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub interrupt: bool,
     /// With --interrupt: wake up after the first completion, instead of asking the device
-    /// (EVENT_IDX) to signal once about 3/4 of the requests in flight have completed.
+    /// (EVENT_IDX) to signal once half of the requests in flight have completed.
     #[arg(long)]
     pub no_batch_completions: bool,
     /// Print one JSON object on stdout instead of text, and no progress.

@@ -63,6 +63,7 @@ pub mod device;
 
 pub use error::{AddError, DeviceError, Error};
 pub use layout::{LayoutError, RingFeatures, RingFormat, RingLayout};
+pub use notify::UsedDelay;
 pub use packed::{OwnedPackedQueue, PackedQueue};
 pub use shared::{SharedLine, SharedMemory};
 pub use slots::{IndirectTables, Slot, SlotStorage};

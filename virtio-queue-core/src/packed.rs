@@ -18,7 +18,7 @@
 
 use crate::error::{AddError, DeviceError, Error};
 use crate::layout::{off, DescFlags, LayoutError, PackedEventFlags, RingFeatures, RingFormat, RingLayout};
-use crate::notify::{need_event, packed_event_position};
+use crate::notify::{need_event, packed_event_position, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
 use crate::slots::{check_chain, IndirectTables, Slot, SlotStorage, SlotTable};
 use crate::split::QueueConfig;
@@ -570,7 +570,15 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// it already has.
     #[inline]
     pub fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error> {
-        let bufs = if self.event_idx { (u32::from(self.size - self.free_positions) * 3 / 4) as u16 } else { 0 };
+        self.enable_used_notifications_delayed_by(UsedDelay::ThreeQuarters)
+    }
+
+    /// [`enable_used_notifications_delayed`](Self::enable_used_notifications_delayed)
+    /// with the delay chosen: the notification comes once `delay`'s share of
+    /// the ring positions in flight has been used.
+    #[inline]
+    pub fn enable_used_notifications_delayed_by(&mut self, delay: UsedDelay) -> Result<bool, Error> {
+        let bufs = if self.event_idx { delay.entries(self.size - self.free_positions) } else { 0 };
         self.arm_used_notification(bufs)
     }
 

@@ -14,7 +14,7 @@
 
 use crate::error::{AddError, DeviceError, Error};
 use crate::layout::{off, AvailFlags, DescFlags, LayoutError, RingFeatures, RingFormat, RingLayout, UsedFlags};
-use crate::notify::need_event;
+use crate::notify::{need_event, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
 use crate::slots::{check_chain, IndirectTables, Slot, SlotStorage, SlotTable};
 use crate::{Buffer, QueueAddresses, Used};
@@ -508,7 +508,15 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// `true` if that many have already completed.
     #[inline]
     pub fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error> {
-        let bufs = if self.event_idx { (u32::from(self.published_in_flight()) * 3 / 4) as u16 } else { 0 };
+        self.enable_used_notifications_delayed_by(UsedDelay::ThreeQuarters)
+    }
+
+    /// [`enable_used_notifications_delayed`](Self::enable_used_notifications_delayed)
+    /// with the delay chosen: the notification comes once `delay`'s share of
+    /// the published chains in flight has completed.
+    #[inline]
+    pub fn enable_used_notifications_delayed_by(&mut self, delay: UsedDelay) -> Result<bool, Error> {
+        let bufs = if self.event_idx { delay.entries(self.published_in_flight()) } else { 0 };
         self.arm_used_notification(bufs)
     }
 

@@ -5,7 +5,7 @@ use crate::layout::{LayoutError, RingFeatures, RingLayout};
 use crate::packed::PackedQueue;
 use crate::slots::{Slot, SlotStorage};
 use crate::split::{QueueConfig, SplitQueue};
-use crate::{Buffer, QueueAddresses, Used};
+use crate::{Buffer, QueueAddresses, Used, UsedDelay};
 
 /// The driver-side operations of a virtqueue, whatever its format. Device
 /// crates write their code against this trait (generic, no `dyn`) or against
@@ -27,6 +27,9 @@ pub trait DriverQueue<T> {
     /// Asks for a notification after most chains in flight completed; `true`
     /// if they already have.
     fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error>;
+    /// Asks for a notification after `delay`'s share of the chains in flight
+    /// completed; `true` if they already have.
+    fn enable_used_notifications_delayed_by(&mut self, delay: UsedDelay) -> Result<bool, Error>;
     /// Entries in the queue.
     fn queue_size(&self) -> u16;
     /// Free descriptors (split) or ring positions (packed).
@@ -71,6 +74,10 @@ macro_rules! forward_driver_queue {
             #[inline(always)]
             fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error> {
                 $ty::enable_used_notifications_delayed(self)
+            }
+            #[inline(always)]
+            fn enable_used_notifications_delayed_by(&mut self, delay: UsedDelay) -> Result<bool, Error> {
+                $ty::enable_used_notifications_delayed_by(self, delay)
             }
             fn queue_size(&self) -> u16 {
                 $ty::queue_size(self)
@@ -166,6 +173,10 @@ impl<T, S: SlotStorage<T>> DriverQueue<T> for Virtqueue<'_, T, S> {
     #[inline(always)]
     fn enable_used_notifications_delayed(&mut self) -> Result<bool, Error> {
         dispatch!(self, q => q.enable_used_notifications_delayed())
+    }
+    #[inline(always)]
+    fn enable_used_notifications_delayed_by(&mut self, delay: UsedDelay) -> Result<bool, Error> {
+        dispatch!(self, q => q.enable_used_notifications_delayed_by(delay))
     }
     fn queue_size(&self) -> u16 {
         dispatch!(self, q => q.queue_size())

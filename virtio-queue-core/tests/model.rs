@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use virtio_queue_core::device::{AvailChain, DeviceConfig, MemoryRegion, PackedDevice, SplitDevice};
 use virtio_queue_core::{
     Buffer, DriverQueue, Error, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedLine,
-    SharedMemory, Slot, Virtqueue,
+    SharedMemory, Slot, UsedDelay, Virtqueue,
 };
 
 const TABLE_IOVA: u64 = 0x4000_0000;
@@ -431,4 +431,49 @@ fn packed_delayed_enable_sees_a_used_multi_descriptor_chain() {
     let c = dev.pop_avail().unwrap().unwrap();
     dev.push_used(&c, 0);
     assert!(dev.publish_used(), "the device notifies at the event");
+}
+
+/// `enable_used_notifications_delayed_by(Half)` with EVENT_IDX: 8 one-buffer
+/// chains in flight put the event 4 entries on; the device notifies when its
+/// used index passes it, and a re-arm after that says "poll".
+#[test]
+fn delayed_by_half_notifies_after_half_of_what_is_in_flight() {
+    for format in [RingFormat::Split, RingFormat::Packed] {
+        let mut features = RingFeatures::EVENT_IDX;
+        let layout = if format == RingFormat::Packed {
+            features |= RingFeatures::RING_PACKED;
+            RingLayout::packed(16).unwrap()
+        } else {
+            RingLayout::split(16).unwrap()
+        };
+        let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
+        let ring = SharedMemory::new(&lines);
+        let mut slots: Vec<Slot<u32>> = (0..16).map(|_| Slot::new()).collect();
+        let cfg = QueueConfig { queue_size: 16, ring, ring_iova: RING_IOVA, features, indirect: None };
+        let mut q = virtio_queue_core::Virtqueue::new(cfg, slots.as_mut_slice()).unwrap();
+        let dcfg = DeviceConfig { layout, ring, features, memory: &[] };
+        let mut split_dev = (format == RingFormat::Split).then(|| SplitDevice::new(dcfg).unwrap());
+        let mut packed_dev = (format == RingFormat::Packed).then(|| PackedDevice::new(dcfg).unwrap());
+        // Serves one chain and publishes it; whether the device notifies.
+        let mut serve_one = || -> bool {
+            if let Some(d) = split_dev.as_mut() {
+                let c = d.pop_avail().unwrap().unwrap();
+                d.push_used(u32::from(c.id), 0);
+                d.publish_used()
+            } else {
+                let d = packed_dev.as_mut().unwrap();
+                let c = d.pop_avail().unwrap().unwrap();
+                d.push_used(&c, 0);
+                d.publish_used()
+            }
+        };
+        for token in 0..8 {
+            q.add(&[], &[Buffer::new(0x1000 + u64::from(token) * 0x100, 16)], token).unwrap();
+        }
+        q.publish().unwrap();
+        assert!(!q.enable_used_notifications_delayed_by(UsedDelay::Half).unwrap(), "{format:?}: nothing used yet");
+        let notified: Vec<bool> = (0..8).map(|_| serve_one()).collect();
+        assert_eq!(notified.iter().position(|&n| n), Some(4), "{format:?}: the 5th used chain passes the event");
+        assert!(q.enable_used_notifications_delayed_by(UsedDelay::Half).unwrap(), "{format:?}: already passed");
+    }
 }
