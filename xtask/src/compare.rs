@@ -48,7 +48,19 @@ const RUN_GRACE: Duration = Duration::from_secs(60);
 
 const USAGE: &str = "\
 usage: cargo xtask compare [--runs N] [--runtime S] [--only uvirtio|ref] [--backend qsd,serve]
-                           [--depths 1,32,128] [--modes poll,interrupt] [--ref-packed] [--json]";
+                           [--depths 1,32,128] [--modes poll,interrupt] [--ref-packed] [--no-pin] [--json]";
+
+/// CPUs for `--pin` (the default): the driver on one, the back-end on the other.
+const DRIVER_CPU: u32 = 0;
+const BACKEND_CPU: u32 = 1;
+
+/// `command` run under `taskset -c cpu` (util-linux), so it and every thread
+/// it starts stay on `cpu`.
+fn pinned(command: Cmd, cpu: u32) -> Cmd {
+    let mut args = vec!["-c".to_string(), cpu.to_string(), command.program];
+    args.extend(command.args);
+    Cmd { program: "taskset".into(), args, envs: command.envs }
+}
 
 /// The two drivers, in the order they alternate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -115,6 +127,10 @@ pub(crate) struct Options {
     modes: Vec<Mode>,
     /// Let the reference accept packed rings (libblkio never does).
     ref_packed: bool,
+    /// Pin the back-end to CPU 1 and the driver to CPU 0 (`taskset`): with
+    /// two CPUs and no pinning, the scheduler sometimes puts both on one CPU
+    /// and sometimes not, which makes QD1 figures bimodal (3 vs 10 µs).
+    pin: bool,
     json: bool,
 }
 
@@ -128,6 +144,7 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
         depths: DEFAULT_DEPTHS.to_vec(),
         modes: vec![Mode::Poll, Mode::Interrupt],
         ref_packed: false,
+        pin: true,
         json: false,
     };
     let mut iter = args.iter();
@@ -191,6 +208,7 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
                     .collect::<Result<Vec<_>>>()?;
             }
             "--ref-packed" if inline.is_none() => o.ref_packed = true,
+            "--no-pin" if inline.is_none() => o.pin = false,
             "--json" if inline.is_none() => o.json = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
             _ => return Err(format!("unexpected argument `{arg}`\n{USAGE}")),
@@ -734,6 +752,7 @@ pub(crate) fn compare(root: &Path, args: &[String]) -> Result {
                 ],
             ),
         };
+        let command = if opts.pin { pinned(command, BACKEND_CPU) } else { command };
         let mut process = BackendProcess::start(backend, command, socket.clone())?;
         // Drivers that failed their first run on this back-end: a set-up problem every later
         // run would repeat, so they sit out the rest of this back-end.
@@ -774,6 +793,7 @@ pub(crate) fn compare(root: &Path, args: &[String]) -> Result {
                             bench_args.push("--packed".into());
                         }
                         let cmd = Cmd::new(&program, bench_args);
+                        let cmd = if opts.pin { pinned(cmd, DRIVER_CPU) } else { cmd };
                         eprint!(
                             "compare: {} QD{depth} {} {} run {}/{} ... ",
                             backend.name(),
@@ -952,6 +972,7 @@ mod tests {
             (1, 2.0, vec![Driver::Ref], vec![Mode::Poll], vec![1, 8], true)
         );
         assert!(!o.ref_packed && a(&["--ref-packed"]).unwrap().ref_packed);
+        assert!(o.pin && !a(&["--no-pin"]).unwrap().pin);
         assert_eq!(a(&["--backend", "serve,qsd"]).unwrap().backends, [Backend::Serve, Backend::Qsd]);
         assert_eq!(a(&["--backend=qsd"]).unwrap().backends, [Backend::Qsd]);
         assert!(a(&["--backend", "qsd,spdk"]).is_err());
