@@ -242,7 +242,8 @@ pub fn parse_serial(log: &str) -> SerialReport {
 }
 
 /// Why a boot of `case` failed, if it did: every phase must report at least one test, every
-/// test must pass (or be `#[ignore]`d), no set-up may fail, and the guest must finish.
+/// test must pass (an `#[ignore]`d test, reported as `SKIP`, fails the run: a skipped test
+/// would hide a failure), no set-up may fail, and the guest must finish.
 pub fn verdict(case: &Case, report: &SerialReport, outcome_ok: bool) -> Vec<String> {
     let mut problems = Vec::new();
     if report.booted.is_none() {
@@ -262,7 +263,7 @@ pub fn verdict(case: &Case, report: &SerialReport, outcome_ok: bool) -> Vec<Stri
         }
     }
     for test in &report.tests {
-        if test.verdict != "PASS" && test.verdict != "SKIP" {
+        if test.verdict != "PASS" {
             problems.push(format!("{} {}: {}", test.phase, test.name, test.verdict));
         }
     }
@@ -320,10 +321,12 @@ UVIRTIO-VM done uptime=5.80\n";
         assert!(problems.iter().any(|p| p.starts_with("setup VIRTIO_TEST_VDPA_SIM_PA FAIL")));
 
         let good = "UVIRTIO-VM booted uptime=2\nUVIRTIO-VM test va pci::x PASS 1ms exit=0\n\
-                    UVIRTIO-VM phase va tests=1\nUVIRTIO-VM test pa vdpa_sim_pa::x SKIP 1ms exit=0\n\
+                    UVIRTIO-VM phase va tests=1\nUVIRTIO-VM test pa vdpa_sim_pa::x PASS 1ms exit=0\n\
                     UVIRTIO-VM phase pa tests=1\nUVIRTIO-VM done uptime=3\n";
         assert!(verdict(case, &parse_serial(good), true).is_empty());
         assert_eq!(verdict(case, &parse_serial(good), false), ["QEMU did not exit cleanly"]);
+        let ignored = good.replace("vdpa_sim_pa::x PASS", "vdpa_sim_pa::x SKIP");
+        assert_eq!(verdict(case, &parse_serial(&ignored), true), ["pa vdpa_sim_pa::x: SKIP"]);
 
         let silent = verdict(case, &parse_serial("Kernel panic - not syncing: VFS\n"), false);
         assert!(silent.iter().any(|p| p == "the guest never reached /init"));
