@@ -6,8 +6,9 @@
 use std::time::Instant;
 
 use virtio_queue_core::{Buffer, DriverQueue};
-use virtio_transport_api::{Cause, Error, Step, Transport, Wait};
+use virtio_transport_api::{Cause, Error, Step, Transport};
 
+use super::complete::Slept;
 use super::submit::Data;
 use super::{BlkQueue, RequestKind, AREA};
 use crate::config::BlkFeatures;
@@ -32,27 +33,13 @@ impl<T: Transport> BlkQueue<T> {
                 self.ready.push_back(c);
                 continue;
             }
-            match self.vq.enable_used_notifications() {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    self.fail_all(&BlkError::Queue(e));
-                    continue;
-                }
-            }
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            self.waits += 1;
-            match self.event.wait(left) {
-                Ok(Wait::Signalled(_)) => {}
-                Ok(Wait::TimedOut) => {
-                    // The ring was re-checked after the notification was
-                    // requested; nothing came before the deadline.
-                    let why = format!("no completion within {:?}", self.io_timeout.unwrap_or_default());
-                    let e = Error::new(self.name, Step::Wait, Cause::Disconnected(why))
-                        .with_context(format!("queue {}", self.index));
-                    self.fail_all(&BlkError::Transport(e));
-                }
-                Err(e) => self.fail_all(&BlkError::Transport(e)),
+            if self.sleep_for_completion(false, deadline) == Slept::TimedOut {
+                // The ring was re-checked after the notification was
+                // requested; nothing came before the deadline.
+                let why = format!("no completion within {:?}", self.io_timeout.unwrap_or_default());
+                let e = Error::new(self.name, Step::Wait, Cause::Disconnected(why))
+                    .with_context(format!("queue {}", self.index));
+                self.fail_all(&BlkError::Transport(e));
             }
         }
     }

@@ -238,32 +238,52 @@ impl<T: Transport> BlkQueue<T> {
             if self.vq.in_flight() == 0 {
                 return None;
             }
-            // Request a notification, then re-check: a completion that raced
-            // with the request is seen here instead of being waited for.
-            let armed = if self.batch_completions {
-                self.vq.enable_used_notifications_delayed_by(UsedDelay::Half)
-            } else {
-                self.vq.enable_used_notifications()
-            };
-            match armed {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    self.fail_all(&BlkError::Queue(e));
-                    continue;
-                }
-            }
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            self.waits += 1;
-            match self.event.wait(left) {
-                Ok(Wait::Signalled(_)) => {}
-                Ok(Wait::TimedOut) => {
-                    let c = self.poll();
-                    self.vq.disable_used_notifications();
-                    return c;
-                }
-                Err(e) => self.fail_all(&BlkError::Transport(e)),
+            if self.sleep_for_completion(self.batch_completions, deadline) == Slept::TimedOut {
+                let c = self.poll();
+                self.vq.disable_used_notifications();
+                return c;
             }
         }
     }
+
+    /// Asks for a used-buffer notification (after half of the requests in
+    /// flight if `delayed`), then re-checks the ring and sleeps on the
+    /// completion event only if nothing raced with the request. A broken ring
+    /// or a failed wait completes everything in flight (`fail_all`): the
+    /// caller's next poll sees it. Only a deadline that passes gives
+    /// [`Slept::TimedOut`].
+    pub(super) fn sleep_for_completion(&mut self, delayed: bool, deadline: Option<Instant>) -> Slept {
+        let armed = if delayed {
+            self.vq.enable_used_notifications_delayed_by(UsedDelay::Half)
+        } else {
+            self.vq.enable_used_notifications()
+        };
+        match armed {
+            Ok(true) => return Slept::Ready,
+            Ok(false) => {}
+            Err(e) => {
+                self.fail_all(&BlkError::Queue(e));
+                return Slept::Ready;
+            }
+        }
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        self.waits += 1;
+        match self.event.wait(left) {
+            Ok(Wait::Signalled(_)) => Slept::Ready,
+            Ok(Wait::TimedOut) => Slept::TimedOut,
+            Err(e) => {
+                self.fail_all(&BlkError::Transport(e));
+                Slept::Ready
+            }
+        }
+    }
+}
+
+/// What [`BlkQueue::sleep_for_completion`] ended with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Slept {
+    /// Something may be ready: poll.
+    Ready,
+    /// The deadline passed with nothing signalled.
+    TimedOut,
 }
