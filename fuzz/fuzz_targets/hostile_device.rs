@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue_core::device::AvailChain;
 use virtio_queue_core::{DeviceError, DriverQueue, Error};
@@ -347,17 +347,6 @@ fn run(p: &mut Parts<'_>, ops: &[Op]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut u = Unstructured::new(data);
-    let Ok(cfg) = vq_fuzz::Cfg::arbitrary(&mut u) else { return };
-    let mut ops = Vec::new();
-    while !u.is_empty() && ops.len() < 4096 {
-        match Op::arbitrary(&mut u) {
-            Ok(op) => ops.push(op),
-            Err(_) => break,
-        }
-    }
-    if std::env::var_os("VQ_FUZZ_DEBUG").is_some() {
-        eprintln!("{cfg:?}\n{ops:#?}");
-    }
+    let Some((cfg, ops)) = vq_fuzz::decode::<Op>(data) else { return };
     with_queue(cfg, |p| run(p, &ops));
 });

@@ -4,11 +4,11 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue_core::device::{AvailChain, DescInfo};
 use virtio_queue_core::DriverQueue;
-use vq_fuzz::{expected_add, expected_descs, with_queue, AddSpec, Cfg, Parts};
+use vq_fuzz::{expected_add, expected_descs, with_queue, AddSpec, Parts};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -351,17 +351,6 @@ fn run(p: &mut Parts<'_>, ops: &[Op]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut u = Unstructured::new(data);
-    let Ok(cfg) = Cfg::arbitrary(&mut u) else { return };
-    let mut ops = Vec::new();
-    while !u.is_empty() && ops.len() < 4096 {
-        match Op::arbitrary(&mut u) {
-            Ok(op) => ops.push(op),
-            Err(_) => break,
-        }
-    }
-    if std::env::var_os("VQ_FUZZ_DEBUG").is_some() {
-        eprintln!("{cfg:?}\n{ops:#?}");
-    }
+    let Some((cfg, ops)) = vq_fuzz::decode::<Op>(data) else { return };
     with_queue(cfg, |p| run(p, &ops));
 });

@@ -257,3 +257,22 @@ pub fn with_queue<R>(cfg: Cfg, f: impl FnOnce(&mut Parts<'_>) -> R) -> R {
     let mut parts = Parts { cfg, layout, q, dev, ring, tables };
     f(&mut parts)
 }
+
+/// Decodes a fuzz input as a queue configuration and at most 4096 operations
+/// (fewer if the input ends or stops decoding), printed to stderr when
+/// `VQ_FUZZ_DEBUG` is set. `None` if not even the configuration decodes.
+pub fn decode<'a, Op: Arbitrary<'a> + core::fmt::Debug>(data: &'a [u8]) -> Option<(Cfg, Vec<Op>)> {
+    let mut u = Unstructured::new(data);
+    let cfg = Cfg::arbitrary(&mut u).ok()?;
+    let mut ops = Vec::new();
+    while !u.is_empty() && ops.len() < 4096 {
+        match Op::arbitrary(&mut u) {
+            Ok(op) => ops.push(op),
+            Err(_) => break,
+        }
+    }
+    if std::env::var_os("VQ_FUZZ_DEBUG").is_some() {
+        eprintln!("{cfg:?}\n{ops:#?}");
+    }
+    Some((cfg, ops))
+}
