@@ -11,6 +11,7 @@
 //!   which [`Cause`];
 //! * [`EventFd`], the [`Notifier`] trait and [`CompletionEvent`], for kicks and
 //!   used-buffer notifications;
+//! * [`IovaAllocator`], device addresses inside the windows an IOMMU allows;
 //! * [`DmaRegion`] (device-visible memory) and [`MemFd`] (shared, file-backed
 //!   memory for backends in other processes);
 //! * with the feature `loopback`, `loopback::LoopbackTransport`: an in-process
@@ -25,6 +26,7 @@ pub mod dma;
 pub mod error;
 pub mod event;
 pub mod features;
+pub mod iova;
 #[cfg(feature = "loopback")]
 pub mod loopback;
 pub mod memfd;
@@ -34,6 +36,7 @@ pub use dma::DmaRegion;
 pub use error::{Cause, Error, Result, Step};
 pub use event::{CompletionEvent, EventFd, Notifier, Wait};
 pub use features::{DeviceStatus, VirtioFeatures};
+pub use iova::{IovaAllocator, IovaError};
 pub use memfd::MemFd;
 pub use transport::{
     driver_ok, negotiate, read_config, read_config_bytes, QueueSetup, Transport, CONFIG_READ_ATTEMPTS,

@@ -15,7 +15,7 @@
 //! | `VIRTIO_TEST_REQUIRE=1` | a device a test asks for must be there: its absence fails the test |
 //! | `VIRTIO_TEST_EXPECT_FAIL` | comma-separated negative controls in effect; today only `no-access-platform` (the PCI device was started with `iommu_platform=off`) |
 //!
-//! Test names (the module path inside `tests/guest.rs`) pick the phase: `pci::`,
+//! Test names (the top-level module inside `tests/guest/main.rs`) pick the phase: `pci::`,
 //! `vdpa_sim::`, `vduse::` run with the VA-mode devices, `vdpa_sim_pa::` after the simulator
 //! is reloaded with `use_va=0`, `pci_no_access_platform::` in the negative-control boot.
 //!

@@ -6,7 +6,7 @@
 //! one whose name starts with one of the phase's prefixes as its own process
 //! (`--exact NAME`), so a hanging test is killed by its own timeout and every test gets its own
 //! result line on the serial console. A new test is therefore only a `#[test]` in the right
-//! module of `vm-tests/tests/guest.rs`.
+//! module of `vm-tests/tests/guest/` (top-level module = phase prefix).
 
 /// A device `/init` sets up before a phase's tests run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

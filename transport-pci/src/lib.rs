@@ -1,0 +1,1 @@
+//! virtio-pci over VFIO transport (being built: issue 4).

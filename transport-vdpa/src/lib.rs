@@ -1,0 +1,1 @@
+//! vhost-vdpa transport (being built: issue 4).

@@ -1,0 +1,19 @@
+//! Tests that run inside the `cargo xtask vm-test` guest (see the crate docs for the
+//! environment contract). The top-level module a test lives in decides which phase runs it:
+//! `pci`, `vdpa_sim`, `vduse` (VA-mode devices), `vdpa_sim_pa` (simulator with `use_va=0`),
+//! `pci_no_access_platform` (negative-control boot).
+//!
+//! One file per transport: `pci.rs` and `pci_no_access_platform.rs` (VFIO), `vdpa.rs`
+//! (vhost-vdpa; its macro makes one module per vhost-vdpa device kind).
+
+mod pci_common;
+
+mod pci;
+mod pci_no_access_platform;
+
+#[macro_use]
+mod vdpa;
+
+vhost_vdpa_tests!(vdpa_sim, DeviceKind::VdpaSim);
+vhost_vdpa_tests!(vdpa_sim_pa, DeviceKind::VdpaSimPa);
+vhost_vdpa_tests!(vduse, DeviceKind::Vduse);
