@@ -389,6 +389,12 @@ impl PciTransport {
         self.offered
     }
 
+    /// The driver features the device holds (read back from the common configuration):
+    /// what the device crate accepted plus VIRTIO_F_ACCESS_PLATFORM, which this transport adds.
+    pub fn driver_features(&mut self) -> u64 {
+        self.common.driver_features()
+    }
+
     /// The MSI-X vector plan in effect (no vectors: every queue polls).
     pub fn vector_plan(&self) -> &VectorPlan {
         &self.plan

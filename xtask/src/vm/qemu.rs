@@ -46,10 +46,11 @@ pub fn kernel_cmdline(boot: &Boot<'_>) -> String {
     words.join(" ")
 }
 
-/// The virtio-blk-pci `-device` value for `case`.
+/// The virtio-blk-pci `-device` value for `case`. `packed=on` offers packed rings (the
+/// PCI operation suite runs on both formats); `serial` gives GET_ID something to return.
 pub fn blk_device(case: &Case) -> String {
     format!(
-        "virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=2,iommu_platform={}",
+        "virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=2,iommu_platform={},packed=on,serial=uvirtio-pci",
         if case.iommu_platform { "on" } else { "off" }
     )
 }
@@ -356,12 +357,14 @@ UVIRTIO-VM done uptime=5.80\n";
         let iommu = args.iter().position(|a| a.starts_with("intel-iommu"));
         let blk = args.iter().position(|a| a.starts_with("virtio-blk-pci"));
         assert!(iommu < blk && iommu.is_some());
-        assert!(joined.contains("virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=2,iommu_platform=on"));
+        assert!(joined.contains(
+            "virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=2,iommu_platform=on,packed=on,serial=uvirtio-pci"
+        ));
         assert!(joined.contains("-serial file:/t/serial.log"));
         let negative = CASES.iter().find(|c| !c.iommu_platform).map(blk_device);
         assert_eq!(
             negative.as_deref(),
-            Some("virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=2,iommu_platform=off")
+            Some("virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=2,iommu_platform=off,packed=on,serial=uvirtio-pci")
         );
     }
 }
