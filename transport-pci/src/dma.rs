@@ -274,6 +274,9 @@ impl Iommu {
 
     /// Zeroed, page-aligned memory of at least `len` bytes, mapped at a fresh IOVA.
     pub fn alloc(self: &Arc<Self>, len: usize) -> Result<DmaRegion> {
+        if len == 0 {
+            return Err(invalid("a DMA region of 0 bytes".into()));
+        }
         let mem =
             MemFd::new("uvirtio-pci-dma", len).map_err(|e| Error::os(NAME, Step::Memory, e).with_context("memfd"))?;
         let ptr = mem.as_non_null();

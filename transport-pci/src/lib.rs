@@ -77,6 +77,16 @@ mod tests {
     }
 
     #[test]
+    fn transport_and_notifier_cross_threads() {
+        fn is_send<T: Send>() {}
+        fn is_sync<T: Sync>() {}
+        is_send::<PciTransport>();
+        is_send::<PciNotifier>();
+        is_sync::<PciNotifier>();
+        is_send::<virtio_blk_dev::BlkQueue<PciTransport>>();
+    }
+
+    #[test]
     fn open_refuses_bad_addresses_and_missing_devices() {
         let e = PciTransport::open("not-a-device", PciOptions::default()).unwrap_err();
         assert!(matches!(e.cause(), Cause::InvalidArgument(m) if m.contains("DDDD:BB:DD.F")), "{e}");

@@ -5,7 +5,7 @@
 //! vector `i + 1` (the layout Linux uses). With fewer, the queues take what there is, from
 //! queue 0 on, and the configuration vector is left out; a queue without a vector — or whose
 //! `queue_msix_vector` reads back `VIRTIO_MSI_NO_VECTOR` because the device refused it —
-//! gets a [`CompletionEvent`] that a [`Ticker`] thread signals every poll interval, so a
+//! gets a [`CompletionEvent`](virtio_transport_api::CompletionEvent) that a [`Ticker`] thread signals every poll interval, so a
 //! wait on it becomes a periodic check of the ring instead of a sleep that never ends.
 //! Vectors are never shared between queues: one eventfd read by two waiters loses wake-ups.
 

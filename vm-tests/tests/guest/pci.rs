@@ -56,6 +56,14 @@ fn open_finds_a_modern_block_device_with_two_queues_and_msix() {
     let windows = t.iommu_info().windows();
     assert!(!windows.is_empty());
     eprintln!("IOVA windows {windows:x?}, caps {:?}", t.capabilities());
+    // DMA memory: page-aligned IOVAs inside the reported windows; zero bytes is refused.
+    let r = t.alloc_dma(10_000).unwrap();
+    assert_eq!(r.len(), 12288);
+    assert_eq!(r.iova() % 4096, 0);
+    assert!(windows.iter().any(|w| w.contains(&r.iova()) && w.contains(&(r.iova() + r.len() as u64 - 1))));
+    assert_eq!(t.translate(r.as_ptr(), r.len()), Some(r.iova()));
+    let e = t.alloc_dma(0).unwrap_err();
+    assert!(matches!(e.cause(), Cause::InvalidArgument(_)) && e.step() == Step::Memory, "{e}");
     // A fresh reset reads 0.
     t.reset().unwrap();
     assert!(t.status().unwrap().is_empty());
@@ -228,6 +236,25 @@ fn queue_setup_refuses_bad_arguments() {
     assert!(t.set_driver_features(VirtioFeatures::VERSION_1.bits()).is_err());
     drop(t);
     drop(ring);
+}
+
+#[test]
+fn dma_regions_may_outlive_the_transport() {
+    let dev = device_or_skip!(DeviceKind::Pci);
+    let t = open_transport(&dev, PciOptions::default());
+    let a = t.alloc_dma(4096).unwrap();
+    let b = t.alloc_dma(8192).unwrap();
+    let iova = b.iova();
+    drop(b);
+    // The IOVA range came back: the next region of that size may reuse it.
+    let c = t.alloc_dma(8192).unwrap();
+    assert_eq!(c.iova(), iova, "first fit reuses the freed range");
+    // Dropping the transport resets the device and unmaps everything; the regions still
+    // alive free their memory later without touching the IOMMU again.
+    drop(t);
+    assert!(a.shared_memory().write_bytes(0, b"still ours"));
+    drop(a);
+    drop(c);
 }
 
 #[test]
