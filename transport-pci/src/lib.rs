@@ -96,3 +96,8 @@ mod tests {
         assert!(e.to_string().contains("ffff:ff:1f.7"), "{e}");
     }
 }
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -258,6 +258,19 @@ fn dma_regions_may_outlive_the_transport() {
 }
 
 #[test]
+fn a_second_open_while_in_use_is_refused() {
+    let dev = device_or_skip!(DeviceKind::Pci);
+    let first = open_transport(&dev, PciOptions::default());
+    let path = dev.to_str().unwrap();
+    let e = PciTransport::open(path, PciOptions::default()).expect_err("the group is in use");
+    assert_eq!(e.step(), Step::Connect, "{e}");
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    eprintln!("refused as expected: {e}");
+    drop(first);
+    PciTransport::open(path, PciOptions::default()).unwrap_or_else(|e| panic!("open after the first one closed: {e}"));
+}
+
+#[test]
 fn the_device_can_be_opened_again_after_drop() {
     let dev = device_or_skip!(DeviceKind::Pci);
     for round in 0..3u32 {
