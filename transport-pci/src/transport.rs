@@ -683,3 +683,86 @@ impl Drop for PciTransport {
         self.ticker = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake sysfs directory of a PCI function with the given links.
+    struct FakeSysfs(PathBuf);
+
+    impl FakeSysfs {
+        fn new(name: &str, driver: Option<&str>, group: Option<&str>) -> Self {
+            let root = std::env::temp_dir().join(format!("transport-pci-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            let dev = root.join("0000:00:01.0");
+            std::fs::create_dir_all(&dev).unwrap();
+            if let Some(d) = driver {
+                std::os::unix::fs::symlink(format!("../../../bus/pci/drivers/{d}"), dev.join("driver")).unwrap();
+            }
+            if let Some(g) = group {
+                std::os::unix::fs::symlink(format!("../../../kernel/iommu_groups/{g}"), dev.join("iommu_group"))
+                    .unwrap();
+            }
+            FakeSysfs(root)
+        }
+
+        fn dev(&self) -> PathBuf {
+            self.0.join("0000:00:01.0")
+        }
+    }
+
+    impl Drop for FakeSysfs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn addr() -> PciAddress {
+        "0000:00:01.0".parse().unwrap()
+    }
+
+    fn unsupported(e: &Error) -> &str {
+        match e.cause() {
+            Cause::Unsupported(m) => m,
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn binding_to_another_driver_is_named() {
+        let s = FakeSysfs::new("virtio", Some("virtio-pci"), Some("3"));
+        let e = check_binding(&addr(), &s.dev()).unwrap_err();
+        assert_eq!(e.step(), Step::Connect);
+        assert!(unsupported(&e).contains("bound to virtio-pci, not vfio-pci"), "{e}");
+        let s = FakeSysfs::new("unbound", None, Some("3"));
+        assert!(unsupported(&check_binding(&addr(), &s.dev()).unwrap_err()).contains("not bound to any driver"));
+    }
+
+    #[test]
+    fn missing_or_odd_iommu_groups_are_named() {
+        let s = FakeSysfs::new("nogroup", Some("vfio-pci"), None);
+        assert!(unsupported(&check_binding(&addr(), &s.dev()).unwrap_err()).contains("IOMMU is off"));
+        let s = FakeSysfs::new("noiommu", Some("vfio-pci"), Some("noiommu-0"));
+        assert!(unsupported(&check_binding(&addr(), &s.dev()).unwrap_err()).contains("not a VFIO group number"));
+        let s = FakeSysfs::new("ok", Some("vfio-pci"), Some("7"));
+        assert_eq!(check_binding(&addr(), &s.dev()).unwrap(), 7);
+    }
+
+    #[test]
+    fn open_of_a_sysfs_path_without_its_group_node_fails_cleanly() {
+        // Group 4000000 has no /dev/vfio node on any machine.
+        let s = FakeSysfs::new("nonode", Some("vfio-pci"), Some("4000000"));
+        let path = s.dev();
+        let e = PciTransport::open(path.to_str().unwrap(), PciOptions::default()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        assert!(e.to_string().contains("/dev/vfio/4000000"), "{e}");
+        assert!(e.to_string().contains("0000:00:01.0"), "the address is named: {e}");
+    }
+
+    #[test]
+    fn required_and_hidden_features() {
+        assert_eq!(REQUIRED_FEATURES, (1 << 32) | (1 << 33));
+        assert_eq!(UNSUPPORTED_FEATURES, (1 << 38) | (1 << 39));
+    }
+}
