@@ -15,11 +15,18 @@ use volatile::{map_field, VolatilePtr};
 use crate::caps::Window;
 
 /// One BAR mapped into this process; unmapped on drop.
+///
+/// Either the whole BAR is mapped, or — when VFIO allows only parts of it (a sparse-mmap
+/// region, typically one that holds the MSI-X table without interrupt remapping) — the BAR's
+/// size is reserved and only the allowed areas are mapped into it. Registers are reachable
+/// only inside the mapped areas.
 #[derive(Debug)]
 pub struct BarMapping {
     ptr: NonNull<u8>,
     len: usize,
     bar: u8,
+    /// The mapped byte ranges of the BAR (`0..len` when it is mapped whole).
+    areas: Vec<std::ops::Range<u64>>,
 }
 
 // SAFETY: the mapping is plain device memory owned by this value; nothing in it is tied to
@@ -53,7 +60,70 @@ impl BarMapping {
             return Err(std::io::Error::last_os_error());
         }
         let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(BarMapping { ptr, len, bar })
+        Ok(BarMapping { ptr, len, bar, areas: std::iter::once(0..len as u64).collect() })
+    }
+
+    /// Maps only `areas` (offset, size) of the `len`-byte BAR `bar`, which VFIO exposes at
+    /// `offset` of the device file: the rest of the BAR's address range is reserved and
+    /// inaccessible.
+    pub fn map_sparse(
+        device: BorrowedFd<'_>,
+        bar: u8,
+        offset: u64,
+        len: u64,
+        areas: &[(u64, u64)],
+    ) -> std::io::Result<Self> {
+        let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+        let ulen = usize::try_from(len).map_err(|_| invalid(format!("BAR {bar} of {len:#x} bytes")))?;
+        if ulen == 0 {
+            return Err(invalid(format!("BAR {bar} is empty")));
+        }
+        // SAFETY: a new private, inaccessible reservation at a place the kernel chooses; it
+        // does not touch existing memory. The result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ulen,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
+        // From here on, dropping `m` releases the whole reservation and whatever was mapped into it.
+        let mut m = BarMapping { ptr, len: ulen, bar, areas: Vec::new() };
+        for &(a_off, a_len) in areas {
+            let end = a_off.checked_add(a_len).filter(|&e| e <= len && a_len > 0);
+            let (Some(end), Ok(file_off)) = (end, libc::off_t::try_from(offset.saturating_add(a_off))) else {
+                return Err(invalid(format!("sparse area {a_off:#x}+{a_len:#x} outside BAR {bar} ({len:#x} bytes)")));
+            };
+            // SAFETY: the target lies inside our own reservation (checked just above), so
+            // MAP_FIXED replaces only pages this mapping owns. The result is checked.
+            let q = unsafe {
+                libc::mmap(
+                    ptr.as_ptr().add(a_off as usize).cast(),
+                    a_len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    device.as_raw_fd(),
+                    file_off,
+                )
+            };
+            if q == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            m.areas.push(a_off..end);
+        }
+        Ok(m)
+    }
+
+    /// Whether `len` bytes at `offset` lie inside one mapped area.
+    pub fn is_mapped(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| self.areas.iter().any(|a| a.start <= offset && end <= a.end))
     }
 
     /// The BAR index.
@@ -65,7 +135,10 @@ impl BarMapping {
     fn at<T>(&self, offset: u64) -> Option<NonNull<T>> {
         let off = usize::try_from(offset).ok()?;
         let end = off.checked_add(std::mem::size_of::<T>())?;
-        if end > self.len || (self.ptr.as_ptr() as usize + off) % std::mem::align_of::<T>() != 0 {
+        if end > self.len
+            || !self.is_mapped(offset, std::mem::size_of::<T>() as u64)
+            || (self.ptr.as_ptr() as usize + off) % std::mem::align_of::<T>() != 0
+        {
             return None;
         }
         // SAFETY: `off + size_of::<T>() <= len`, so the result stays inside the mapping.
@@ -296,8 +369,8 @@ impl DeviceCfg {
     pub fn new(bar: Arc<BarMapping>, window: &Window) -> Option<Self> {
         // Check both ends of the window against the mapping.
         let base = bar.at::<u32>(u64::from(window.offset))?;
-        if window.length > 0 {
-            bar.at::<u8>(window.end() - 1)?;
+        if !bar.is_mapped(u64::from(window.offset), u64::from(window.length)) {
+            return None;
         }
         Some(DeviceCfg { base: base.cast(), len: window.length, _bar: bar })
     }
@@ -469,6 +542,30 @@ mod tests {
         assert!(d.read(60, &mut []).is_some());
         assert!(DeviceCfg::new(Arc::clone(&bar), &Window { bar: 4, offset: 4000, length: 200 }).is_none());
         assert!(DeviceCfg::new(Arc::clone(&bar), &Window { bar: 4, offset: 0x202, length: 4 }).is_none(), "unaligned");
+    }
+
+    #[test]
+    fn sparse_bars_reach_only_their_mapped_areas() {
+        let m = MemFd::new("sparse-bar", 4 * 4096).unwrap();
+        poke::<u32>(&m, 0x10, 0x1234_5678);
+        poke::<u16>(&m, 3 * 4096 + 4, 0xbeef);
+        // The "MSI-X table" is in the second and third pages, which are not mapped.
+        let bar = Arc::new(BarMapping::map_sparse(m.fd(), 1, 0, 4 * 4096, &[(0, 4096), (3 * 4096, 4096)]).unwrap());
+        assert!(bar.is_mapped(0, 4096) && bar.is_mapped(3 * 4096, 4096));
+        assert!(!bar.is_mapped(4096, 4) && !bar.is_mapped(4094, 4), "a hole, and a range crossing into it");
+        let d = DeviceCfg::new(Arc::clone(&bar), &Window { bar: 1, offset: 0x10, length: 4 }).unwrap();
+        let mut v = [0u8; 4];
+        d.read(0, &mut v).unwrap();
+        assert_eq!(u32::from_ne_bytes(v), 0x1234_5678);
+        assert!(DeviceCfg::new(Arc::clone(&bar), &Window { bar: 1, offset: 4000, length: 200 }).is_none());
+        assert!(Common::new(Arc::clone(&bar), &Window { bar: 1, offset: 4096, length: 56 }).is_none());
+        let n = PciNotifier::new(Arc::clone(&bar), 3 * 4096 + 4, 9).unwrap();
+        n.notify().unwrap();
+        assert_eq!(peek::<u16>(&m, 3 * 4096 + 4), 9, "the notify write reached the file through the sparse area");
+        assert!(PciNotifier::new(Arc::clone(&bar), 2 * 4096, 0).is_none());
+        // Areas outside the BAR are refused.
+        assert!(BarMapping::map_sparse(m.fd(), 1, 0, 4096, &[(0, 8192)]).is_err());
+        assert!(BarMapping::map_sparse(m.fd(), 1, 0, 4096, &[(u64::MAX, 2)]).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 use virtio_queue_core::RingFormat;
 use virtio_transport_api::{
     Cause, CompletionEvent, DeviceStatus, DmaRegion, Error, EventFd, QueueSetup, Result, Step, Transport,
@@ -277,14 +277,30 @@ impl PciTransport {
             if device.get_region_flags(i) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
                 return Err(connect_err(Cause::Unsupported(format!("VFIO does not allow mapping BAR {b}"))));
             }
-            let m = BarMapping::map(dev_fd, b, device.get_region_offset(i), device.get_region_size(i))
-                .map_err(|e| Error::os(NAME, Step::Connect, e).with_context(format!("mmap of BAR {b}")))?;
+            let (off, size) = (device.get_region_offset(i), device.get_region_size(i));
+            // A sparse region (VFIO keeps the MSI-X table out of reach without interrupt
+            // remapping) is mapped area by area; the virtio structures must lie in the areas.
+            let sparse = device.get_region_caps(i).into_iter().find_map(|c| match c {
+                VfioRegionInfoCap::SparseMmap(s) => {
+                    Some(s.areas.iter().map(|a| (a.offset, a.size)).collect::<Vec<_>>())
+                }
+                _ => None,
+            });
+            let m = match &sparse {
+                Some(areas) => BarMapping::map_sparse(dev_fd, b, off, size, areas),
+                None => BarMapping::map(dev_fd, b, off, size),
+            }
+            .map_err(|e| Error::os(NAME, Step::Connect, e).with_context(format!("mmap of BAR {b}")))?;
             bars[usize::from(b)] = Some(Arc::new(m));
         }
         let bar = |b: u8| {
             bars[usize::from(b)].clone().ok_or_else(|| connect_err(Cause::Protocol(format!("BAR {b} not mapped"))))
         };
-        let outside = |what: &str| connect_err(Cause::Protocol(format!("{what} structure outside its BAR mapping")));
+        let outside = |what: &str| {
+            connect_err(Cause::Unsupported(format!(
+                "the {what} structure is not in a part of its BAR that VFIO lets user space map (it shares pages with the MSI-X table?)"
+            )))
+        };
         let common = Common::new(bar(caps.common.bar)?, &caps.common).ok_or_else(|| outside("common configuration"))?;
         let device_cfg = match caps.device {
             Some(w) => Some(DeviceCfg::new(bar(w.bar)?, &w).ok_or_else(|| outside("device configuration"))?),
