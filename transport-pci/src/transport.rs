@@ -158,6 +158,15 @@ fn write_config_space(device: &VfioDevice, offset: u64, buf: &[u8]) -> std::io::
     Ok(())
 }
 
+/// Sets the bits `set` and clears the bits `clear` of `PCI_COMMAND`.
+fn update_command(device: &VfioDevice, set: u16, clear: u16) -> std::io::Result<()> {
+    let off = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX) + PCI_COMMAND;
+    let mut cmd = [0u8; 2];
+    read_config_space(device, off, &mut cmd)?;
+    let command = (u16::from_le_bytes(cmd) | set) & !clear;
+    write_config_space(device, off, &command.to_le_bytes())
+}
+
 /// A `vmm_sys_util` eventfd on a duplicate of `fd`, for the `vfio-ioctls` API.
 fn sys_eventfd(fd: &EventFd) -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
     let dup = std::os::fd::OwnedFd::from(fd.try_clone()?);
@@ -259,12 +268,8 @@ impl PciTransport {
             _ => connect_err(Cause::Protocol(e.to_string())),
         })?;
 
-        // Memory space and bus mastering on: the device reaches its BARs and DMA.
-        let mut cmd = [0u8; 2];
-        read_config_space(&device, cfg_off + PCI_COMMAND, &mut cmd)
-            .map_err(|e| Error::os(NAME, Step::Connect, e).with_context("PCI_COMMAND"))?;
-        let command = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        write_config_space(&device, cfg_off + PCI_COMMAND, &command.to_le_bytes())
+        // Memory space on, so the BARs answer; bus mastering only once the device is reset.
+        update_command(&device, PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER)
             .map_err(|e| Error::os(NAME, Step::Connect, e).with_context("PCI_COMMAND"))?;
 
         // Map the BARs the virtio structures are in.
@@ -333,6 +338,8 @@ impl PciTransport {
             _container: container,
         };
         t.reset()?;
+        update_command(&t.device, PCI_COMMAND_MASTER, 0)
+            .map_err(|e| Error::os(NAME, Step::Connect, e).with_context("PCI_COMMAND bus master"))?;
         t.offered = t.common.device_features();
         let missing = REQUIRED_FEATURES & !t.offered;
         if missing != 0 {
@@ -686,12 +693,7 @@ impl Drop for PciTransport {
         // mappings can go. DMA regions still alive elsewhere free their memory on their own.
         let _ = self.reset();
         // Bus mastering off: not even a misbehaving device can DMA any more.
-        let off = self.device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX) + PCI_COMMAND;
-        let mut cmd = [0u8; 2];
-        if read_config_space(&self.device, off, &mut cmd).is_ok() {
-            let command = u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER;
-            let _ = write_config_space(&self.device, off, &command.to_le_bytes());
-        }
+        let _ = update_command(&self.device, 0, PCI_COMMAND_MASTER);
         if !self.vectors.is_empty() {
             let _ = self.device.disable_msix();
         }

@@ -257,6 +257,22 @@ fn dma_regions_may_outlive_the_transport() {
     drop(c);
 }
 
+/// `PCI_COMMAND` as the kernel reads it from the device (sysfs `config`).
+fn pci_command(dev: &std::path::Path) -> u16 {
+    let config = std::fs::read(dev.join("config")).unwrap_or_else(|e| panic!("read {}/config: {e}", dev.display()));
+    u16::from_le_bytes([config[4], config[5]])
+}
+
+#[test]
+fn bus_mastering_is_on_only_while_the_transport_lives() {
+    let dev = device_or_skip!(DeviceKind::Pci);
+    const MASTER: u16 = 0x4;
+    let t = open_transport(&dev, PciOptions::default());
+    assert_ne!(pci_command(&dev) & MASTER, 0, "bus mastering on while open");
+    drop(t);
+    assert_eq!(pci_command(&dev) & MASTER, 0, "bus mastering off after drop");
+}
+
 #[test]
 fn a_second_open_while_in_use_is_refused() {
     let dev = device_or_skip!(DeviceKind::Pci);
