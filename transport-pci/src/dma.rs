@@ -127,6 +127,33 @@ pub fn query_iommu_info(container: &VfioContainer) -> std::io::Result<IommuInfo>
     Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "VFIO_IOMMU_GET_INFO kept growing"))
 }
 
+/// What maps process memory into the device's IOVA space: the VFIO container, or a fake in
+/// tests. Called at set-up and buffer-pool time, never per request.
+pub trait DmaMapper: Send + Sync {
+    /// Maps `len` bytes at process address `vaddr` at `iova` (both page-aligned).
+    ///
+    /// # Safety
+    ///
+    /// The memory must stay mapped until [`DmaMapper::unmap`] and is only accessed through
+    /// raw pointers while the device may use it.
+    unsafe fn map(&self, iova: u64, len: usize, vaddr: *mut u8) -> Result<()>;
+
+    /// Unmaps what [`DmaMapper::map`] mapped at `iova`.
+    fn unmap(&self, iova: u64, len: usize) -> Result<()>;
+}
+
+impl DmaMapper for VfioContainer {
+    unsafe fn map(&self, iova: u64, len: usize, vaddr: *mut u8) -> Result<()> {
+        // SAFETY: the caller keeps the contract of `DmaMapper::map`, which is that of
+        // `vfio_dma_map`: the memory stays mapped and is reached through raw pointers only.
+        unsafe { self.vfio_dma_map(iova, len, vaddr) }.map_err(|e| vfio_error(Step::Memory, "VFIO_IOMMU_MAP_DMA", e))
+    }
+
+    fn unmap(&self, iova: u64, len: usize) -> Result<()> {
+        self.vfio_dma_unmap(iova, len).map_err(|e| vfio_error(Step::Memory, "VFIO_IOMMU_UNMAP_DMA", e))
+    }
+}
+
 /// One live IOMMU mapping of process memory.
 #[derive(Clone, Copy, Debug)]
 struct Mapping {
@@ -150,7 +177,7 @@ struct State {
 /// The IOMMU side of a transport: its container, IOVA space and mappings. Shared by the
 /// transport and every [`DmaRegion`] it handed out (they unmap themselves on drop).
 pub struct Iommu {
-    container: Arc<VfioContainer>,
+    mapper: Arc<dyn DmaMapper>,
     state: Mutex<State>,
     align: u64,
     info: IommuInfo,
@@ -171,11 +198,16 @@ impl Iommu {
     pub fn new(container: Arc<VfioContainer>) -> Result<Self> {
         let info = query_iommu_info(&container)
             .map_err(|e| Error::os(NAME, Step::Connect, e).with_context("VFIO_IOMMU_GET_INFO"))?;
+        Self::with_mapper(container, info)
+    }
+
+    /// An IOMMU whose windows and alignment `info` gives, mapping through `mapper`.
+    pub fn with_mapper(mapper: Arc<dyn DmaMapper>, info: IommuInfo) -> Result<Self> {
         let align = info.alignment(page_size() as u64);
         let iovas = IovaAllocator::new(info.windows(), align).map_err(|e| {
             Error::new(NAME, Step::Connect, Cause::Unsupported(format!("{e} (windows {:x?})", info.windows())))
         })?;
-        Ok(Iommu { container, state: Mutex::new(State { iovas, maps: BTreeMap::new(), closed: false }), align, info })
+        Ok(Iommu { mapper, state: Mutex::new(State { iovas, maps: BTreeMap::new(), closed: false }), align, info })
     }
 
     /// What the IOMMU reported.
@@ -219,9 +251,9 @@ impl Iommu {
             .map_err(|e| Error::new(NAME, Step::Memory, Cause::Unsupported(format!("no IOVA space: {e}"))))?;
         // SAFETY: the caller keeps the pages mapped until they are unmapped here, and
         // accesses them through raw pointers only (the contract of this function).
-        if let Err(e) = unsafe { self.container.vfio_dma_map(map_iova, map_len, page_start as *mut u8) } {
+        if let Err(e) = unsafe { self.mapper.map(map_iova, map_len, page_start as *mut u8) } {
             let _ = st.iovas.free(map_iova, map_len as u64);
-            return Err(vfio_error(Step::Memory, "VFIO_IOMMU_MAP_DMA", e));
+            return Err(e);
         }
         let iova = map_iova + (start - page_start) as u64;
         st.maps.insert(start, Mapping { len, iova, map_iova, map_len });
@@ -237,13 +269,13 @@ impl Iommu {
         let Some(m) = st.maps.remove(&(addr as usize)) else {
             return Err(invalid(format!("{:#x} is not mapped", addr as usize)));
         };
-        match self.container.vfio_dma_unmap(m.map_iova, m.map_len) {
+        match self.mapper.unmap(m.map_iova, m.map_len) {
             Ok(()) => {
                 let _ = st.iovas.free(m.map_iova, m.map_len as u64);
                 Ok(())
             }
             // The IOVA range stays allocated: it may still be mapped.
-            Err(e) => Err(vfio_error(Step::Memory, "VFIO_IOMMU_UNMAP_DMA", e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -268,7 +300,7 @@ impl Iommu {
         st.closed = true;
         let maps = std::mem::take(&mut st.maps);
         for m in maps.values() {
-            let _ = self.container.vfio_dma_unmap(m.map_iova, m.map_len);
+            let _ = self.mapper.unmap(m.map_iova, m.map_len);
         }
     }
 
@@ -391,6 +423,158 @@ mod tests {
         // Inverted ranges are dropped, not trusted.
         let b = reply(VFIO_IOMMU_INFO_CAPS, 4096, &[(1, ranges_body(&[(0x5000, 0x1000), (0x10000, 0x1ffff)]))]);
         assert_eq!(parse_iommu_info(&b).unwrap().ranges, Some(vec![0x10000..=0x1ffff]));
+    }
+
+    /// A mapper that records what is mapped and fails when told to.
+    #[derive(Default)]
+    struct Fake {
+        live: Mutex<Vec<(u64, usize, usize)>>,
+        fail_map: std::sync::atomic::AtomicBool,
+        fail_unmap: std::sync::atomic::AtomicBool,
+    }
+
+    impl DmaMapper for Fake {
+        unsafe fn map(&self, iova: u64, len: usize, vaddr: *mut u8) -> Result<()> {
+            if self.fail_map.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::os(NAME, Step::Memory, std::io::Error::from_raw_os_error(libc::ENOSPC)));
+            }
+            assert_eq!(iova % 4096, 0);
+            assert_eq!(len % 4096, 0);
+            assert_eq!(vaddr as usize % 4096, 0);
+            self.live.lock().unwrap().push((iova, len, vaddr as usize));
+            Ok(())
+        }
+
+        fn unmap(&self, iova: u64, len: usize) -> Result<()> {
+            if self.fail_unmap.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::os(NAME, Step::Memory, std::io::Error::from_raw_os_error(libc::EINVAL)));
+            }
+            let mut live = self.live.lock().unwrap();
+            let i = live.iter().position(|&(i, l, _)| i == iova && l == len).expect("unmap of what was mapped");
+            live.remove(i);
+            Ok(())
+        }
+    }
+
+    const WINDOW: RangeInclusive<u64> = 0x10_0000..=0x10_ffff; // 16 pages
+
+    fn iommu() -> (Arc<Fake>, Arc<Iommu>) {
+        let fake = Arc::new(Fake::default());
+        let info = IommuInfo { page_sizes: 4096, ranges: Some(vec![WINDOW]) };
+        let iommu = Iommu::with_mapper(Arc::clone(&fake) as Arc<dyn DmaMapper>, info).unwrap();
+        (fake, Arc::new(iommu))
+    }
+
+    /// A 4-page buffer, page-aligned, that outlives the test's mappings.
+    fn buffer() -> MemFd {
+        MemFd::new("iova-test", 4 * 4096).unwrap()
+    }
+
+    #[test]
+    fn unaligned_caller_memory_keeps_its_page_offset() {
+        let (fake, io) = iommu();
+        let m = buffer();
+        // SAFETY: `m` outlives the mapping; the fake mapper touches nothing.
+        let iova = unsafe { io.map(m.as_ptr().add(100), 5000) }.unwrap();
+        assert!(WINDOW.contains(&iova));
+        assert_eq!(iova % 4096, 100, "the offset inside the page is kept");
+        assert_eq!(fake.live.lock().unwrap().as_slice(), &[(iova - 100, 8192, m.as_ptr() as usize)], "two whole pages");
+        // SAFETY: pointer arithmetic inside `m`.
+        let (p, q) = unsafe { (m.as_ptr().add(100), m.as_ptr().add(5099)) };
+        assert_eq!(io.translate(p, 5000), Some(iova));
+        assert_eq!(io.translate(q, 1), Some(iova + 4999));
+        assert_eq!(io.translate(q, 2), None, "past the caller's range");
+        assert_eq!(io.translate(m.as_ptr(), 1), None, "before it, though in the same page");
+        assert!(io.iova_mapped(iova - 100, 8192));
+        assert!(!io.iova_mapped(iova - 100, 8193));
+        io.unmap(p).unwrap();
+        assert!(fake.live.lock().unwrap().is_empty());
+        assert_eq!(io.translate(p, 1), None);
+    }
+
+    #[test]
+    fn overlaps_bad_ranges_and_double_unmaps_are_refused() {
+        let (_fake, io) = iommu();
+        let m = buffer();
+        // SAFETY: as above.
+        unsafe {
+            io.map(m.as_ptr(), 8192).unwrap();
+            for (off, len) in [(0, 1), (8191, 1), (4096, 8192)] {
+                let e = io.map(m.as_ptr().add(off), len).unwrap_err();
+                assert!(matches!(e.cause(), Cause::InvalidArgument(s) if s.contains("overlaps")), "{off}+{len}: {e}");
+            }
+            // Adjacent, sharing no byte: fine (even though it shares no page either).
+            io.map(m.as_ptr().add(8192), 4096).unwrap();
+            assert!(matches!(io.map(std::ptr::null_mut(), 4096).unwrap_err().cause(), Cause::InvalidArgument(_)));
+            assert!(matches!(io.map(m.as_ptr().add(12288), 0).unwrap_err().cause(), Cause::InvalidArgument(_)));
+            let e = io.map((usize::MAX - 10) as *mut u8, 100).unwrap_err();
+            assert!(matches!(e.cause(), Cause::InvalidArgument(_)), "{e}");
+        }
+        io.unmap(m.as_ptr()).unwrap();
+        let e = io.unmap(m.as_ptr()).unwrap_err();
+        assert!(matches!(e.cause(), Cause::InvalidArgument(s) if s.contains("not mapped")), "{e}");
+        // SAFETY: pointer arithmetic inside `m`.
+        io.unmap(unsafe { m.as_ptr().add(8192) }).unwrap();
+    }
+
+    #[test]
+    fn iova_space_is_bounded_by_the_window_and_reused_after_unmap() {
+        let (fake, io) = iommu();
+        let bufs: Vec<MemFd> = (0..5).map(|_| buffer()).collect();
+        let mut iovas = Vec::new();
+        for b in &bufs[..4] {
+            // SAFETY: as above.
+            iovas.push(unsafe { io.map(b.as_ptr(), 4 * 4096) }.unwrap());
+        }
+        assert!(iovas.iter().all(|i| WINDOW.contains(i) && WINDOW.contains(&(i + 4 * 4096 - 1))));
+        // The window's 16 pages are used up.
+        // SAFETY: as above.
+        let e = unsafe { io.map(bufs[4].as_ptr(), 4096) }.unwrap_err();
+        assert!(matches!(e.cause(), Cause::Unsupported(s) if s.contains("no IOVA space")), "{e}");
+        io.unmap(bufs[1].as_ptr()).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { io.map(bufs[4].as_ptr(), 4 * 4096) }.unwrap(), iovas[1], "the freed range is reused");
+        assert_eq!(fake.live.lock().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn failed_maps_free_their_iova_and_failed_unmaps_keep_it() {
+        let (fake, io) = iommu();
+        let m = buffer();
+        fake.fail_map.store(true, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: as above.
+        let e = unsafe { io.map(m.as_ptr(), 4096) }.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(io.translate(m.as_ptr(), 1), None);
+        fake.fail_map.store(false, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: as above.
+        let first = unsafe { io.map(m.as_ptr(), 4096) }.unwrap();
+        assert_eq!(first, *WINDOW.start(), "the failed attempt gave its IOVA back");
+        fake.fail_unmap.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(io.unmap(m.as_ptr()).unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        fake.fail_unmap.store(false, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: as above.
+        let second = unsafe { io.map(m.as_ptr(), 4096) }.unwrap();
+        assert_ne!(second, first, "an IOVA that may still be mapped is never handed out again");
+    }
+
+    #[test]
+    fn regions_unmap_on_drop_and_everything_goes_at_unmap_all() {
+        let (fake, io) = iommu();
+        let a = io.alloc(100).unwrap();
+        assert_eq!(a.len(), 4096);
+        let b = io.alloc(4096 * 2).unwrap();
+        assert_eq!(io.translate(b.as_ptr(), b.len()), Some(b.iova()));
+        assert!(a.iova_at(0).is_some_and(|i| WINDOW.contains(&i)));
+        assert_eq!(fake.live.lock().unwrap().len(), 2);
+        drop(b);
+        assert_eq!(fake.live.lock().unwrap().len(), 1, "the region unmapped itself");
+        assert!(matches!(io.alloc(0).unwrap_err().cause(), Cause::InvalidArgument(_)));
+        io.unmap_all();
+        assert!(fake.live.lock().unwrap().is_empty());
+        let e = io.alloc(4096).unwrap_err();
+        assert!(matches!(e.cause(), Cause::Disconnected(_)), "no mapping after the transport is gone: {e}");
+        drop(a); // does not unmap twice (the fake would panic)
     }
 
     #[test]
