@@ -635,7 +635,10 @@ impl Transport for PciTransport {
         let notify_off = self.common.queue_notify_off();
         let offset = self.caps.notify_offset(notify_off).map_err(|e| Self::queue_err(index, e.to_string()))?;
         let notifier = PciNotifier::new(Arc::clone(&self.notify_bar), offset, index).ok_or_else(|| {
-            Self::queue_err(index, format!("notify register at BAR offset {offset:#x} outside the BAR"))
+            Self::queue_err(
+                index,
+                format!("notify register at BAR offset {offset:#x} is outside the mapped part of its BAR"),
+            )
         })?;
 
         let event = match interrupt {
