@@ -100,6 +100,12 @@ pub struct PciTransport {
     common: Common,
     device_cfg: Option<DeviceCfg>,
     notify_bar: Arc<BarMapping>,
+    /// The VFIO device and its container; `None` only in host tests, whose "BAR" is memory.
+    vfio: Option<Vfio>,
+}
+
+/// What VFIO gives: the device (config space, BAR regions, interrupts) and its container.
+struct Vfio {
     device: VfioDevice,
     _container: Arc<VfioContainer>,
 }
@@ -315,7 +321,7 @@ impl PciTransport {
 
         let iommu = Arc::new(Iommu::new(Arc::clone(&container))?);
 
-        let mut t = PciTransport {
+        let t = PciTransport {
             address,
             identity,
             caps,
@@ -334,12 +340,20 @@ impl PciTransport {
             common,
             device_cfg,
             notify_bar,
-            device,
-            _container: container,
+            vfio: Some(Vfio { device, _container: container }),
         };
+        t.start()
+    }
+
+    /// The part of opening that talks to the virtio registers: reset, bus mastering, the
+    /// required features, the queue count, MSI-X.
+    fn start(mut self) -> Result<Self> {
+        let t = &mut self;
         t.reset()?;
-        update_command(&t.device, PCI_COMMAND_MASTER, 0)
-            .map_err(|e| Error::os(NAME, Step::Connect, e).with_context("PCI_COMMAND bus master"))?;
+        if let Some(v) = &t.vfio {
+            update_command(&v.device, PCI_COMMAND_MASTER, 0)
+                .map_err(|e| Error::os(NAME, Step::Connect, e).with_context("PCI_COMMAND bus master"))?;
+        }
         t.offered = t.common.device_features();
         let missing = REQUIRED_FEATURES & !t.offered;
         if missing != 0 {
@@ -355,7 +369,7 @@ impl PciTransport {
         t.num_queues = t.common.num_queues();
         t.queues = vec![QueueState::default(); usize::from(t.num_queues)];
         t.setup_msix();
-        Ok(t)
+        Ok(self)
     }
 
     /// Plans and enables MSI-X vectors; on failure every queue polls (the reason is kept
@@ -364,7 +378,11 @@ impl PciTransport {
         if self.options.interrupts == Interrupts::Polling {
             return;
         }
-        let table = self.device.get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX).map_or(0, |i| i.count);
+        let Some(vfio) = &self.vfio else {
+            self.msix_error = Some("no VFIO device".into());
+            return;
+        };
+        let table = vfio.device.get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX).map_or(0, |i| i.count);
         let plan = VectorPlan::new(table, self.num_queues);
         if plan.vectors == 0 {
             self.msix_error = Some("the device has no MSI-X vectors".into());
@@ -376,7 +394,7 @@ impl PciTransport {
                 .collect::<std::result::Result<_, _>>()?;
             let sys: Vec<vmm_sys_util::eventfd::EventFd> =
                 events.iter().map(sys_eventfd).collect::<std::io::Result<_>>().map_err(|e| e.to_string())?;
-            self.device
+            vfio.device
                 .enable_msix(sys.iter().collect())
                 .map_err(|e| format!("VFIO_DEVICE_SET_IRQS (MSI-X, {} vectors): {e}", plan.vectors))?;
             Ok(events)
@@ -696,9 +714,11 @@ impl Drop for PciTransport {
         // mappings can go. DMA regions still alive elsewhere free their memory on their own.
         let _ = self.reset();
         // Bus mastering off: not even a misbehaving device can DMA any more.
-        let _ = update_command(&self.device, 0, PCI_COMMAND_MASTER);
-        if !self.vectors.is_empty() {
-            let _ = self.device.disable_msix();
+        if let Some(v) = &self.vfio {
+            let _ = update_command(&v.device, 0, PCI_COMMAND_MASTER);
+            if !self.vectors.is_empty() {
+                let _ = v.device.disable_msix();
+            }
         }
         self.iommu.unmap_all();
         self.ticker = None;
@@ -708,6 +728,201 @@ impl Drop for PciTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::caps::Window;
+    use crate::dma::{DmaMapper, IommuInfo};
+    use virtio_transport_api::{negotiate, MemFd, QueueAddresses};
+
+    /// Maps nothing: the "device" is memory in this process.
+    struct NoMapper;
+
+    impl DmaMapper for NoMapper {
+        unsafe fn map(&self, _iova: u64, _len: usize, _vaddr: *mut u8) -> Result<()> {
+            Ok(())
+        }
+        fn unmap(&self, _iova: u64, _len: usize) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A register file in memory with QEMU's virtio-blk-pci layout (common at 0, device
+    /// config at 0x2000, notify at 0x3000 with multiplier 4). Memory does not emulate the
+    /// select registers, so a 32-bit feature value `f` reads as `f | f << 32`.
+    struct FakeRegs {
+        mem: MemFd,
+    }
+
+    const COMMON: usize = 0;
+    const DEVICE: usize = 0x2000;
+
+    impl FakeRegs {
+        fn new(feature_word: u32, num_queues: u16, queue_size: u16) -> Self {
+            let r = FakeRegs { mem: MemFd::new("fake-virtio-bar", 0x4000).unwrap() };
+            r.poke(COMMON + 4, feature_word);
+            r.poke(COMMON + 18, num_queues);
+            r.poke(COMMON + 24, queue_size);
+            r.poke(DEVICE, 131_072u64); // capacity in sectors
+            r
+        }
+
+        fn poke<T: Copy>(&self, off: usize, v: T) {
+            // SAFETY: inside the 16 KiB memfd mapping; a volatile store the test owns.
+            unsafe { self.mem.as_ptr().add(off).cast::<T>().write_volatile(v) }
+        }
+
+        fn peek<T: Copy>(&self, off: usize) -> T {
+            // SAFETY: as for `poke`.
+            unsafe { self.mem.as_ptr().add(off).cast::<T>().read_volatile() }
+        }
+
+        fn transport(&self) -> Result<PciTransport> {
+            let bar = Arc::new(BarMapping::map(self.mem.fd(), 4, 0, 0x4000).unwrap());
+            let caps = VirtioCaps {
+                common: Window { bar: 4, offset: 0, length: 0x1000 },
+                isr: Window { bar: 4, offset: 0x1000, length: 0x1000 },
+                device: Some(Window { bar: 4, offset: 0x2000, length: 0x1000 }),
+                notify: Window { bar: 4, offset: 0x3000, length: 0x1000 },
+                notify_off_multiplier: 4,
+            };
+            let info = IommuInfo { page_sizes: 4096, ranges: Some(vec![0x10_0000..=0xfff_ffff]) };
+            let iommu = Arc::new(Iommu::with_mapper(Arc::new(NoMapper), info)?);
+            PciTransport {
+                address: "0000:00:01.0".parse().unwrap(),
+                identity: Identity { pci_device_id: 0x1042, virtio_id: 2, transitional: false },
+                caps,
+                options: PciOptions { interrupts: Interrupts::Polling, ..Default::default() },
+                offered: 0,
+                driver_features: 0,
+                num_queues: 0,
+                queues: Vec::new(),
+                plan: VectorPlan::none(),
+                vectors: Vec::new(),
+                msix_error: None,
+                config_vector: None,
+                config_vector_written: false,
+                ticker: None,
+                iommu,
+                common: Common::new(Arc::clone(&bar), &caps.common).unwrap(),
+                device_cfg: caps.device.and_then(|w| DeviceCfg::new(Arc::clone(&bar), &w)),
+                notify_bar: bar,
+                vfio: None,
+            }
+            .start()
+        }
+    }
+
+    /// VERSION_1 | ACCESS_PLATFORM in the high half (and, through the missing select
+    /// emulation, bits 0 and 1 in the low half).
+    const MODERN: u32 = 0b11;
+
+    fn ring(t: &PciTransport) -> (DmaRegion, QueueSetup) {
+        let r = t.alloc_dma(3 * 4096).unwrap();
+        let a = QueueAddresses { desc: r.iova(), driver: r.iova() + 4096, device: r.iova() + 8192 };
+        (r, QueueSetup { size: 64, format: RingFormat::Split, addresses: a })
+    }
+
+    #[test]
+    fn negotiation_adds_access_platform_and_hides_notification_data() {
+        let regs = FakeRegs::new(MODERN | (1 << 6), 2, 256);
+        let mut t = regs.transport().unwrap();
+        assert_eq!(t.max_queues(), 2);
+        assert_eq!(t.offered_features(), 0x43_0000_0043);
+        assert_eq!(t.device_features().unwrap(), 0x3_0000_0043, "bit 38 (NOTIFICATION_DATA) hidden");
+        let f = negotiate(&mut t, 1 << 6, 0).unwrap();
+        assert_eq!(f, (1 << 32) | (1 << 6));
+        // The last write of driver_feature is the high half: VERSION_1 | ACCESS_PLATFORM.
+        assert_eq!(regs.peek::<u32>(COMMON + 12), 0b11);
+        assert_eq!(regs.peek::<u8>(COMMON + 20), 0b1011, "ACKNOWLEDGE | DRIVER | FEATURES_OK");
+        let e = t.set_driver_features(1 << 38).unwrap_err();
+        assert!(e.to_string().contains("after FEATURES_OK"), "{e}");
+        t.reset().unwrap();
+        let e = t.set_driver_features(1 << 38).unwrap_err();
+        assert!(matches!(e.cause(), Cause::Unsupported(m) if m.contains("NOTIFICATION_DATA")), "{e}");
+        let mut cap = [0u8; 8];
+        t.read_config(0, &mut cap).unwrap();
+        assert_eq!(u64::from_le_bytes(cap), 131_072);
+    }
+
+    #[test]
+    fn devices_without_access_platform_or_version_1_are_refused() {
+        for (word, missing) in [(0b01, 1u64 << 33), (0b10, 1 << 32), (0, 3 << 32)] {
+            let e = FakeRegs::new(word, 1, 256).transport().unwrap_err();
+            assert_eq!(e.step(), Step::Features);
+            assert!(matches!(e.cause(), Cause::MissingFeatures { missing: m, .. } if *m == missing), "{e}");
+        }
+        let e = FakeRegs::new(0b01, 1, 256).transport().unwrap_err();
+        assert!(e.to_string().contains("would bypass the IOMMU"), "{e}");
+    }
+
+    #[test]
+    fn queue_setup_programs_the_registers_and_notifies_at_the_right_place() {
+        let regs = FakeRegs::new(MODERN, 2, 256);
+        let mut t = regs.transport().unwrap();
+        negotiate(&mut t, 0, 0).unwrap();
+        let (r, setup) = ring(&t);
+        regs.poke::<u16>(COMMON + 30, 1); // queue_notify_off
+        let (n, _event) = t.setup_queue(1, &setup).unwrap();
+        assert_eq!(regs.peek::<u16>(COMMON + 22), 1, "queue_select");
+        assert_eq!(regs.peek::<u16>(COMMON + 24), 64, "queue_size");
+        assert_eq!(regs.peek::<u16>(COMMON + 26), VIRTIO_MSI_NO_VECTOR, "no vector when polling");
+        assert_eq!(regs.peek::<u32>(COMMON + 32), r.iova() as u32);
+        assert_eq!(regs.peek::<u32>(COMMON + 40), (r.iova() + 4096) as u32);
+        assert_eq!(regs.peek::<u16>(COMMON + 28), 1, "queue_enable");
+        assert_eq!(t.queue_interrupt(1), Some(QueueInterrupt::Polling));
+        virtio_transport_api::Notifier::notify(&n).unwrap();
+        assert_eq!(regs.peek::<u16>(0x3000 + 4), 1, "queue 1 kicked at notify base + 1 * 4");
+        // The maximum was read before the driver wrote 64 over it.
+        assert_eq!(t.max_queue_size(1).unwrap(), 256);
+    }
+
+    #[test]
+    fn hostile_queue_registers_are_protocol_errors() {
+        // queue_notify_off pointing past the notification window.
+        let regs = FakeRegs::new(MODERN, 1, 256);
+        let mut t = regs.transport().unwrap();
+        negotiate(&mut t, 0, 0).unwrap();
+        let (_r, setup) = ring(&t);
+        regs.poke::<u16>(COMMON + 30, 0x400);
+        let e = t.setup_queue(0, &setup).unwrap_err();
+        assert!(matches!(e.cause(), Cause::Protocol(m) if m.contains("notification window")), "{e}");
+        assert_eq!(e.step(), Step::Queue(0));
+        // queue_enable already set before set-up.
+        t.reset().unwrap();
+        negotiate(&mut t, 0, 0).unwrap();
+        regs.poke::<u16>(COMMON + 30, 0);
+        regs.poke::<u16>(COMMON + 28, 1);
+        let e = t.setup_queue(0, &setup).unwrap_err();
+        assert!(matches!(e.cause(), Cause::Protocol(m) if m.contains("queue_enable")), "{e}");
+        // A queue the device sizes at 0.
+        let regs = FakeRegs::new(MODERN, 1, 0);
+        let mut t = regs.transport().unwrap();
+        let e = t.max_queue_size(0).unwrap_err();
+        assert!(matches!(e.cause(), Cause::Protocol(m) if m.contains("not available")), "{e}");
+        // A device with no queues at all: every index is out of range.
+        let mut t = FakeRegs::new(MODERN, 0, 256).transport().unwrap();
+        assert_eq!(t.max_queues(), 0);
+        assert!(matches!(t.max_queue_size(0).unwrap_err().cause(), Cause::InvalidArgument(_)));
+    }
+
+    #[test]
+    fn queue_setup_after_driver_ok_is_refused() {
+        let regs = FakeRegs::new(MODERN, 1, 256);
+        let mut t = regs.transport().unwrap();
+        negotiate(&mut t, 0, 0).unwrap();
+        virtio_transport_api::driver_ok(&mut t).unwrap();
+        let (_r, setup) = ring(&t);
+        let e = t.setup_queue(0, &setup).unwrap_err();
+        assert!(matches!(e.cause(), Cause::InvalidArgument(m) if m.contains("before DRIVER_OK")), "{e}");
+    }
+
+    #[test]
+    fn drop_resets_the_device() {
+        let regs = FakeRegs::new(MODERN, 1, 256);
+        let mut t = regs.transport().unwrap();
+        negotiate(&mut t, 0, 0).unwrap();
+        assert_ne!(regs.peek::<u8>(COMMON + 20), 0);
+        drop(t);
+        assert_eq!(regs.peek::<u8>(COMMON + 20), 0, "device_status written 0");
+    }
 
     /// A fake sysfs directory of a PCI function with the given links.
     struct FakeSysfs(PathBuf);
