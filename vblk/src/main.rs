@@ -11,6 +11,7 @@ mod commands;
 mod signals;
 mod stats;
 mod target;
+mod transport;
 
 use std::process::ExitCode;
 

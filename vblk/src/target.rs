@@ -12,6 +12,7 @@ use virtio_queue_core::RingFeatures;
 
 use crate::cli::TargetArgs;
 use crate::stats::human_bytes;
+use crate::transport::AnyTransport;
 
 /// The embedded server and the directory holding its socket. The handle is dropped first:
 /// it stops the server and removes the socket; then the directory goes.
@@ -23,7 +24,7 @@ struct Embedded {
 /// An open device, and the server behind it when it is the embedded one.
 pub struct Target {
     /// The device, negotiated, with its queues set up. Dropped before the server.
-    pub dev: BlkDevice<VhostUserTransport>,
+    pub dev: BlkDevice<AnyTransport>,
     /// What the device is, for humans and for JSON (`embedded-ram`, `vhost-user:PATH` ...).
     pub name: String,
     _embedded: Option<Embedded>,
@@ -45,7 +46,7 @@ impl Drop for Target {
 
 /// A queue taken from the target. Drop it only when the command is done (it ends logging,
 /// see [`teardown`]).
-pub struct Queue(BlkQueue<VhostUserTransport>);
+pub struct Queue(BlkQueue<AnyTransport>);
 
 impl Drop for Queue {
     fn drop(&mut self) {
@@ -54,7 +55,7 @@ impl Drop for Queue {
 }
 
 impl Deref for Queue {
-    type Target = BlkQueue<VhostUserTransport>;
+    type Target = BlkQueue<AnyTransport>;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -116,7 +117,8 @@ pub fn open(args: &TargetArgs, ram_size: u64, queue_size: u16) -> Result<Target,
     let (dev, name, embedded) = match &args.vhost_user {
         Some(path) => {
             let t = VhostUserTransport::connect(path, vu_options).map_err(|e| e.to_string())?;
-            let dev = BlkDevice::open(t, options).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let dev = BlkDevice::open(AnyTransport::VhostUser(t), options)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
             (dev, format!("vhost-user:{}", path.display()), None)
         }
         None => {
@@ -144,8 +146,8 @@ pub fn open(args: &TargetArgs, ram_size: u64, queue_size: u16) -> Result<Target,
             let server = Server::start(&sock, server_options).map_err(|e| format!("embedded server: {e}"))?;
             let t = VhostUserTransport::connect(&sock, vu_options)
                 .map_err(|e| format!("cannot connect to the embedded server: {e}"))?;
-            let dev =
-                BlkDevice::open(t, options).map_err(|e| format!("cannot open the embedded server's device: {e}"))?;
+            let dev = BlkDevice::open(AnyTransport::VhostUser(t), options)
+                .map_err(|e| format!("cannot open the embedded server's device: {e}"))?;
             (dev, name, Some(Embedded { _server: server, _dir: dir }))
         }
     };

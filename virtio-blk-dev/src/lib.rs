@@ -42,6 +42,8 @@ mod error;
 pub mod loopback;
 mod queue;
 pub mod spec;
+#[cfg(feature = "suite")]
+pub mod suite;
 
 pub use buf::DmaBuf;
 pub use config::{BlkConfig, BlkFeatures, Topology};

@@ -7,34 +7,17 @@ mod common;
 
 use common::*;
 use vblk::server::{Server, ServerOptions, Storage};
-use virtio_blk_dev::{BlkOptions, RequestKind};
+use virtio_blk_dev::{suite, BlkOptions};
 use virtio_queue_core::{RingFeatures, RingFormat};
-
-/// The ring format a test runs with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ring {
-    Split,
-    Packed,
-}
 
 /// Starts a server that offers packed rings as well as split ones.
 fn start(s: &Scratch, options: ServerOptions) -> vblk::server::ServerHandle {
     Server::start(&s.sock, ServerOptions { packed: true, ..options }).unwrap()
 }
 
-/// Opens the device with `options`, asking for `ring`, and checks that `ring` was negotiated
-/// (the queues' format follows from it; tests that take a queue check that too).
+/// Opens the device with `options`, asking for `ring`, and checks that `ring` was negotiated.
 fn open_ring(s: &Scratch, ring: Ring, options: BlkOptions) -> Dev {
-    let dev = open(&s.sock, BlkOptions { packed: ring == Ring::Packed, ..options });
-    assert_eq!(dev.ring_features().contains(RingFeatures::RING_PACKED), ring == Ring::Packed);
-    dev
-}
-
-fn format(ring: Ring) -> RingFormat {
-    match ring {
-        Ring::Split => RingFormat::Split,
-        Ring::Packed => RingFormat::Packed,
-    }
+    suite::open_ring(&|o| open(&s.sock, o), ring, options)
 }
 
 /// Every scenario below, once per ring format.
@@ -95,7 +78,7 @@ fn data_written_to_the_file_is_read_by_the_driver(ring: Ring) {
     let _srv = start(&s, ServerOptions { storage: Storage::Image(s.image.clone()), ..Default::default() });
     let mut dev = open_ring(&s, ring, BlkOptions::default());
     let mut q = dev.take_queue(0).unwrap();
-    assert_eq!(q.format(), format(ring));
+    assert_eq!(q.format(), ring.format());
     let mut back = vec![0u8; 4096];
     q.read_at(8192, &mut back).unwrap();
     assert_eq!(back, data);
@@ -116,16 +99,7 @@ fn queues_on_threads_with_file_check(ring: Ring, n: u16) {
     let options = ServerOptions { storage: Storage::Image(s.image.clone()), queues: n, ..Default::default() };
     let _srv = start(&s, options);
     let mut dev = open_ring(&s, ring, BlkOptions { num_queues: n, ..Default::default() });
-    // Each thread flushes when it is done.
-    queues_on_threads(&mut dev, n);
-    for i in 0..u64::from(n) {
-        // `queues_on_threads` leaves rounds 12..20 in the eight 16 KiB slots of each queue.
-        for round in 12..20u32 {
-            let off = i * 256 * 1024 + u64::from(round % 8) * 16 * 1024;
-            let want = pattern(round + 100 * i as u32, 16 * 1024);
-            assert!(read_file(&s.image, off, want.len()) == want, "queue {i} round {round}: image file differs");
-        }
-    }
+    queues_on_threads(&mut dev, n, Some(&s.image));
 }
 
 fn two_queues_from_two_threads(ring: Ring) {
@@ -148,45 +122,13 @@ fn a_full_queue_is_reported_and_drains(ring: Ring) {
     let s = Scratch::new();
     let _srv = start(&s, ServerOptions { storage: Storage::Ram { size: IMAGE_BYTES }, ..Default::default() });
     let mut dev = open_ring(&s, ring, BlkOptions { queue_size: 8, ..Default::default() });
-    let mut bufs = dev.alloc_bufs(512, 9).unwrap();
-    let mut q = dev.take_queue(0).unwrap();
-    assert_eq!(q.queue_size(), 8);
-    for i in 0..8 {
-        q.submit_read(i * 512, bufs.pop().unwrap(), i).unwrap();
-    }
-    let e = q.submit_read(0, bufs.pop().unwrap(), 99).unwrap_err();
-    assert!(matches!(e.error, virtio_blk_dev::BlkError::QueueFull), "{}", e.error);
-    let mut tags = Vec::new();
-    while let Some(c) = q.wait(Some(std::time::Duration::from_secs(10))) {
-        assert_eq!(c.kind, RequestKind::Read);
-        c.result.unwrap();
-        tags.push(c.tag);
-    }
-    tags.sort();
-    assert_eq!(tags, (0..8).collect::<Vec<_>>());
+    suite::a_full_queue_is_reported_and_drains(&mut dev);
 }
 
-/// A ring of 4 entries goes round many times (packed: both wrap counters flip on every lap),
-/// with chains of 1 (indirect) and 3 (direct) descriptors, and the data stays right.
 fn many_laps_of_a_small_ring(ring: Ring) {
     let s = Scratch::new();
     let _srv = start(&s, ServerOptions { storage: Storage::Image(s.image.clone()), ..Default::default() });
-    for indirect in [true, false] {
-        let mut dev = open_ring(&s, ring, BlkOptions { queue_size: 4, indirect, ..Default::default() });
-        let mut q = dev.take_queue(0).unwrap();
-        assert_eq!((q.queue_size(), q.format()), (4, format(ring)));
-        for round in 0..200u32 {
-            let off = u64::from(round % 16) * 4096;
-            let data = pattern(round + if indirect { 0 } else { 1000 }, 4096);
-            q.write_at(off, &data).unwrap();
-            let mut back = vec![0u8; 4096];
-            q.read_at(off, &mut back).unwrap();
-            assert!(back == data, "round {round}");
-        }
-        q.flush().unwrap();
-        let last = pattern(199 + if indirect { 0 } else { 1000 }, 4096);
-        assert!(read_file(&s.image, 7 * 4096, 4096) == last, "image file holds the last round");
-    }
+    suite::many_laps_of_a_small_ring(&|o| open(&s.sock, o), ring, Some(&s.image));
 }
 
 fn server_shutdown_with_requests_in_flight(ring: Ring) {

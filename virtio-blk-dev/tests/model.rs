@@ -374,3 +374,17 @@ fn batched_completions_lose_nothing() {
         assert_followed_protocol(&h);
     }
 }
+
+/// The operation suite the vhost-user and VM tiers run, against the model device (two queues,
+/// both ring formats): keeps `operation_suite!` itself tested on every host.
+mod suite_on_the_model {
+    use super::*;
+
+    fn open(options: BlkOptions) -> BlkDevice<Fake> {
+        let mut disk = RamDisk::new(SECTORS).offer(all_blk(), all_ring());
+        disk.config_mut().num_queues.set(2);
+        BlkDevice::open(LoopbackTransport::new(disk, ServiceMode::Threaded), options).unwrap()
+    }
+
+    virtio_blk_dev::operation_suite!(open, image = None, packed = true, queues = 2);
+}

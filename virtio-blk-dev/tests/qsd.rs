@@ -60,7 +60,7 @@ fn two_queues_from_two_threads() {
     let s = Scratch::new();
     let _d = Qsd::start(&s, 2, true);
     let mut dev = open(&s.sock, BlkOptions { num_queues: 2, ..Default::default() });
-    queues_on_threads(&mut dev, 2);
+    queues_on_threads(&mut dev, 2, Some(&s.image));
 }
 
 #[test]
@@ -103,5 +103,5 @@ fn four_queues_from_four_threads() {
     let s = Scratch::new();
     let _d = Qsd::start(&s, 4, true);
     let mut dev = open(&s.sock, BlkOptions { num_queues: 4, ..Default::default() });
-    queues_on_threads(&mut dev, 4);
+    queues_on_threads(&mut dev, 4, Some(&s.image));
 }

@@ -406,6 +406,11 @@ fn test_and_fuzz(root: &Path, fuzz_seconds: u64) -> ExitCode {
         Err(e) => steps.run("fuzz", || Err(e)),
     }
     steps.run("bench-count", || bench(root, true));
+    // The VFIO PCI and vhost-vdpa tier, in a QEMU guest (docs/vm-test.md): every case.
+    steps.run("vm-test", || match vm::vm_test(root, &["--case".to_string(), "all".to_string()])? {
+        code if code == ExitCode::SUCCESS => Ok(()),
+        _ => Err("a vm-test case failed (its table is above)".to_string()),
+    });
 
     if steps.summarize() {
         ExitCode::SUCCESS

@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use transport_vhost_user::VhostUserTransport;
+use crate::transport::AnyTransport;
 use virtio_blk_dev::{BlkFeatures, BlkQueue, Bufs, DmaBuf};
 
 use super::check_range;
@@ -62,7 +62,7 @@ fn compare(got: &[u8], want: &[u8], offset: u64) -> Option<(u64, String)> {
 /// Keeps `bufs.len()` requests of one direction in flight over `offsets`; calls `prepare`
 /// before each write and `check` after each read completes.
 fn pipeline(
-    q: &mut BlkQueue<VhostUserTransport>,
+    q: &mut BlkQueue<AnyTransport>,
     bufs: &mut Vec<DmaBuf>,
     offsets: &mut dyn Iterator<Item = u64>,
     write: bool,

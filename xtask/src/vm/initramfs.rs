@@ -272,6 +272,8 @@ pub struct Contents<'a> {
     pub assets: &'a KernelAssets,
     /// The static test binary, installed as `/bin/vm-test`.
     pub test_binary: &'a Path,
+    /// The static `vblk`, installed as `/bin/vblk` (guest tests run its `verify` and `bench`).
+    pub vblk_binary: &'a Path,
     /// The generated `/init`.
     pub init: &'a str,
 }
@@ -304,6 +306,8 @@ pub fn build(contents: &Contents<'_>, out: &Path) -> Result<Vec<String>> {
 
     require_static(contents.test_binary, "test binary")?;
     fs_image.copy("bin/vm-test", contents.test_binary)?;
+    require_static(contents.vblk_binary, "vblk")?;
+    fs_image.copy("bin/vblk", contents.vblk_binary)?;
     fs_image.file("init", 0o755, contents.init.as_bytes().to_vec());
 
     let bytes = fs_image.to_cpio();

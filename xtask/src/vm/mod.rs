@@ -178,6 +178,26 @@ fn build_test_binary(root: &Path) -> Result<PathBuf> {
         .ok_or_else(|| "cargo reported no test executable for vm-tests --test guest".to_string())
 }
 
+/// Builds `vblk`, statically linked, for the guest tests that run it (`/bin/vblk` there), in
+/// the test binary's target directory (same flags, so the dependencies are built once).
+fn build_vblk_binary(root: &Path) -> Result<PathBuf> {
+    let target_dir = root.join("target").join("vm-tests");
+    let cmd = Cmd::cargo(["build", "-p", "vblk", "--bin", "vblk", "--release", "--target", GUEST_TARGET])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &target_dir.display().to_string());
+    println!("$ {}", cmd.display());
+    let status = Command::new(&cmd.program)
+        .args(&cmd.args)
+        .envs(cmd.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("cannot start cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("building the static vblk failed ({status})"));
+    }
+    Ok(target_dir.join(GUEST_TARGET).join("release").join("vblk"))
+}
+
 /// The `executable` of the last test artifact in cargo's JSON messages.
 pub fn test_executable(messages: &str) -> Option<PathBuf> {
     messages
@@ -202,6 +222,7 @@ pub fn vm_test(root: &Path, args: &[String]) -> Result<ExitCode> {
     let kver = assets::resolve_kernel(&cache, opts.kernel.as_deref(), opts.refresh_kernel, &mut t)?;
     let kernel = assets::ensure_kernel_assets(&cache, &kver, &mut t)?;
     let test_binary = timed(&mut t, "static test binary", || build_test_binary(root))?;
+    let vblk_binary = timed(&mut t, "static vblk", || build_vblk_binary(root))?;
     let initrd = work.join("initramfs.cpio");
     timed(&mut t, "initramfs", || {
         let order = initramfs::module_order(&kernel)?;
@@ -210,7 +231,9 @@ pub fn vm_test(root: &Path, args: &[String]) -> Result<ExitCode> {
         let sims: Vec<String> = names.iter().filter(|n| initramfs::is_sim_module(n)).cloned().collect();
         let init = guest::init_script(&boot, &sims);
         fs::write(work.join("init.sh"), &init).map_err(|e| format!("cannot write init.sh: {e}"))?;
-        initramfs::build(&initramfs::Contents { assets: &kernel, test_binary: &test_binary, init: &init }, &initrd)
+        let contents =
+            initramfs::Contents { assets: &kernel, test_binary: &test_binary, vblk_binary: &vblk_binary, init: &init };
+        initramfs::build(&contents, &initrd)
     })?;
     if opts.assets_only {
         print_timings(&t, total.elapsed().as_secs_f64());
