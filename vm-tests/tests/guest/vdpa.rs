@@ -286,47 +286,11 @@ pub fn check_drop_releases(node: &Path) {
     drop(buf);
 }
 
-/// Every queue the device offers, each from its own thread, on disjoint ranges.
-pub fn check_queues_from_threads(node: &Path, image: Option<&Path>) {
-    let mut dev = open_blk(node, BlkOptions { num_queues: 8, ..BlkOptions::default() });
-    let n = dev.num_queues();
-    eprintln!("{}: {n} queues", node.display());
-    if dev.blk_features().contains(BlkFeatures::MQ) {
-        assert_eq!(n, dev.config().num_queues.get().min(dev.transport().max_queues()));
-    }
-    let handles: Vec<_> = dev
-        .queues()
-        .into_iter()
-        .map(|mut q| {
-            std::thread::spawn(move || {
-                let base = (4 << 20) + u64::from(q.index()) * (1 << 20);
-                for k in 0..16u64 {
-                    let offset = base + k * 65536;
-                    let data = pattern(offset, 65536, q.index() as u8);
-                    q.write_at(offset, &data).unwrap();
-                    let mut back = vec![0u8; 65536];
-                    q.read_at(offset, &mut back).unwrap();
-                    assert!(back == data, "queue {} at {offset}", q.index());
-                }
-                let _ = q.flush();
-                q.index()
-            })
-        })
-        .collect();
-    for h in handles {
-        let i = h.join().unwrap();
-        if let Some(image) = image {
-            let base = (4 << 20) + u64::from(i) * (1 << 20);
-            for k in 0..16u64 {
-                check_image(image, base + k * 65536, &pattern(base + k * 65536, 65536, i as u8));
-            }
-        }
-    }
-}
-
-/// The checks every vhost-vdpa device gets, as a module named after its phase prefix.
+/// The checks every vhost-vdpa device gets, as a module named after its phase prefix: the
+/// transport-level checks above, then the shared operation suite of `virtio-blk-dev`
+/// (`queues`: the request queues the device offers).
 macro_rules! vhost_vdpa_tests {
-    ($module:ident, $kind:expr) => {
+    ($module:ident, $kind:expr, queues = $queues:expr) => {
         mod $module {
             use transport_vdpa::VdpaOptions;
             use virtio_blk_dev::BlkOptions;
@@ -377,11 +341,19 @@ macro_rules! vhost_vdpa_tests {
                 check_drop_releases(&node);
             }
 
-            #[test]
-            fn every_queue_from_its_own_thread() {
-                let node = device_or_skip!($kind);
-                check_queues_from_threads(&node, image_of($kind).as_deref());
+            /// The device for the operation suite: every scenario opens it afresh.
+            fn open(options: BlkOptions) -> virtio_blk_dev::BlkDevice<transport_vdpa::VdpaTransport> {
+                let node = match vm_tests::lookup($kind) {
+                    Ok(Some(node)) => node,
+                    Ok(None) => panic!("{} not available: {} is unset", $kind, $kind.env_var()),
+                    Err(e) => panic!("{e}"),
+                };
+                open_blk(&node, options)
             }
+
+            // vdpa_sim (vringh) and qemu-storage-daemon's VDUSE export (libvduse) offer split
+            // rings only; the suite checks that a driver asking for packed falls back.
+            virtio_blk_dev::operation_suite!(open, image = image_of($kind), packed = false, queues = $queues);
         }
     };
 }
