@@ -8,7 +8,9 @@ use std::path::Path;
 
 use transport_vdpa::{backend_features, VdpaOptions, VdpaTransport};
 use virtio_blk_dev::{BlkDevice, BlkFeatures, BlkOptions};
-use virtio_transport_api::{negotiate, Cause, DeviceStatus, MemFd, Step, Transport, VirtioFeatures};
+use virtio_transport_api::{
+    negotiate, Cause, DeviceStatus, MemFd, QueueAddresses, QueueSetup, RingFormat, Step, Transport, VirtioFeatures,
+};
 use vm_tests::{has_feature, link_name, DeviceKind, VhostVdpa, F_ACCESS_PLATFORM, F_VERSION_1, VIRTIO_ID_BLOCK};
 
 /// The backing file of the VDUSE export (`setup_vduse` in xtask/src/vm/guest.rs:
@@ -128,6 +130,21 @@ pub fn check_status_and_mappings(node: &Path) {
         "{status:?}"
     );
 
+    // Refusals name their step: features after FEATURES_OK (the kernel says EBUSY), a queue
+    // index the device lacks, ring addresses that are not mapped for the device.
+    let e = t.set_driver_features(features).unwrap_err();
+    assert_eq!((e.step(), e.raw_os_error()), (Step::Features, Some(libc::EBUSY)), "{e}");
+    let n = t.max_queues();
+    let unmapped = QueueAddresses { desc: 0x10_0000, driver: 0x20_0000, device: 0x30_0000 };
+    let setup = QueueSetup { size: 64, format: RingFormat::Split, addresses: unmapped };
+    let e = t.setup_queue(n, &setup).unwrap_err();
+    assert_eq!(e.step(), Step::Queue(n));
+    let e = t.setup_queue(0, &setup).unwrap_err();
+    assert_eq!(e.step(), Step::Queue(0));
+    assert!(e.to_string().contains("descriptor area at IOVA 0x100000 (+0x400) is not mapped for the device"), "{e}");
+    let e = t.setup_queue(0, &QueueSetup { size: 48, ..setup }).unwrap_err();
+    assert!(e.to_string().contains("size 48"), "{e}");
+
     let batch = t.info().backend_features & backend_features::IOTLB_BATCH != 0;
     assert!(!t.in_iotlb_batch(), "no update yet, no batch");
     let region = t.alloc_dma(3 * 4096 + 1).unwrap();
@@ -145,6 +162,8 @@ pub fn check_status_and_mappings(node: &Path) {
     assert_eq!(t.in_iotlb_batch(), batch && !persist, "after a reset (IOTLB_PERSIST: {persist})");
     assert_eq!(t.status().unwrap(), DeviceStatus::empty());
     assert_eq!(t.mappings(), 1, "mappings outlive a reset");
+    let e = t.setup_queue(0, &setup).unwrap_err();
+    assert!(e.to_string().contains("before FEATURES_OK"), "{e}");
     drop(region);
     assert_eq!(t.mappings(), 0);
     assert_eq!(t.free_iova_bytes(), iova_free, "every IOVA came back");
