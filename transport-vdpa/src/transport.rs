@@ -262,10 +262,12 @@ impl Transport for VdpaTransport {
 
     fn reset(&mut self) -> Result<()> {
         // A set-up batch still open ends first: its updates must reach the
-        // parent before the reset decides what to keep.
-        self.shared.end_batch()?;
+        // parent before the reset decides what to keep. The reset is made
+        // even if that fails; the first error is returned.
+        let batch = self.shared.end_batch();
         self.write_status(DeviceStatus::empty())?;
         self.driver_features = 0;
+        batch?;
         self.shared.after_reset()
     }
 
