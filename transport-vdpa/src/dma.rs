@@ -311,10 +311,238 @@ pub(crate) fn map_memory(shared: &Shared, addr: usize, len: usize, fd: BorrowedF
         .ok_or_else(|| invalid(Step::Memory, format!("{len} bytes at {addr:#x} overflow")))?;
     let head = (addr - start) as u64;
     let start_offset = offset.checked_sub(head).ok_or_else(|| {
-        invalid(Step::Memory, format!("file offset {offset:#x} of {addr:#x} is inside its first page"))
+        invalid(
+            Step::Memory,
+            format!("file offset {offset:#x} cannot be that of {addr:#x}, {head:#x} bytes into a page"),
+        )
     })?;
     let file = FileId::of(fd)
         .map_err(|e| Error::os(NAME, Step::Memory, e).with_context(format!("fstat of fd {}", fd.as_raw_fd())))?;
     check_own_memory(start, end, Some((file, start_offset))).map_err(|why| invalid(Step::Memory, why))?;
     shared.map(addr, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{backend_features, no_guest_memory};
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use vhost::vhost_kern::vhost_binding::vhost_msg_v2;
+
+    /// An IOTLB message as written to the device node.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct Msg {
+        kind: VhostIotlbType,
+        iova: u64,
+        size: u64,
+        uaddr: u64,
+    }
+
+    const UPDATE: VhostIotlbType = VhostIotlbType::Update;
+    const INVALIDATE: VhostIotlbType = VhostIotlbType::Invalidate;
+    const BEGIN: VhostIotlbType = VhostIotlbType::BatchBegin;
+    const END: VhostIotlbType = VhostIotlbType::BatchEnd;
+
+    /// A `Shared` whose "device" is a temporary file: every IOTLB message the transport
+    /// writes lands there, to be decoded by [`Fake::messages`].
+    struct Fake {
+        shared: Arc<Shared>,
+        file: File,
+        read: u64,
+    }
+
+    impl Fake {
+        fn new(batch: bool, persist: bool, pages: u64) -> Fake {
+            let file = tempfile::tempfile().unwrap();
+            let device = Device::with(file.try_clone().unwrap(), no_guest_memory(), backend_features::IOTLB_MSG_V2);
+            let page = page_size() as u64;
+            let iovas = IovaAllocator::new([0..=(pages + 1) * page - 1], page).unwrap();
+            Fake { shared: Arc::new(Shared::new(device, iovas, batch, persist)), file, read: 0 }
+        }
+
+        /// The messages written since the last call (`struct vhost_msg_v2`, linux/vhost_types.h).
+        fn messages(&mut self) -> Vec<Msg> {
+            let size = std::mem::size_of::<vhost_msg_v2>();
+            assert_eq!(size, 72);
+            let len = self.file.metadata().unwrap().len();
+            let mut bytes = vec![0u8; (len - self.read) as usize];
+            self.file.read_exact_at(&mut bytes, self.read).unwrap();
+            self.read = len;
+            assert_eq!(bytes.len() % size, 0);
+            let u64_at = |m: &[u8], o: usize| u64::from_ne_bytes(m[o..o + 8].try_into().unwrap());
+            bytes
+                .chunks(size)
+                .map(|m| {
+                    assert_eq!(u32::from_ne_bytes(m[..4].try_into().unwrap()), 2, "VHOST_IOTLB_MSG_V2");
+                    let kind = match m[33] {
+                        2 => UPDATE,
+                        3 => INVALIDATE,
+                        5 => BEGIN,
+                        6 => END,
+                        other => panic!("unexpected IOTLB message type {other}"),
+                    };
+                    if kind == UPDATE {
+                        assert_eq!(m[32], 3, "read-write");
+                    }
+                    Msg { kind, iova: u64_at(m, 8), size: u64_at(m, 16), uaddr: u64_at(m, 24) }
+                })
+                .collect()
+        }
+    }
+
+    fn kinds(msgs: &[Msg]) -> Vec<VhostIotlbType> {
+        msgs.iter().map(|m| m.kind).collect()
+    }
+
+    #[test]
+    fn set_up_updates_are_batched_until_the_batch_ends() {
+        let mut f = Fake::new(true, true, 64);
+        let page = page_size();
+        let a = alloc_dma(&f.shared, 3 * page - 1).unwrap();
+        let b = alloc_dma(&f.shared, 1).unwrap();
+        assert!(f.shared.in_batch());
+        let m = f.messages();
+        assert_eq!(kinds(&m), [BEGIN, UPDATE, UPDATE]);
+        assert_eq!((m[1].iova, m[1].size, m[1].uaddr), (a.iova(), 3 * page as u64, a.as_ptr() as u64));
+        assert_eq!((m[2].iova, m[2].size, m[2].uaddr), (b.iova(), page as u64, b.as_ptr() as u64));
+        assert!(b.iova() >= a.iova() + 3 * page as u64 || b.iova() + page as u64 <= a.iova(), "disjoint IOVAs");
+
+        f.shared.end_batch().unwrap();
+        assert_eq!(kinds(&f.messages()), [END]);
+        // After DRIVER_OK: one message per update, no batch.
+        let c = alloc_dma(&f.shared, page).unwrap();
+        drop(b);
+        let m = f.messages();
+        assert_eq!(kinds(&m), [UPDATE, INVALIDATE]);
+        assert_eq!(m[0].iova, c.iova());
+        drop((a, c));
+    }
+
+    #[test]
+    fn without_batch_support_nothing_is_batched() {
+        let mut f = Fake::new(false, true, 16);
+        let a = alloc_dma(&f.shared, 10).unwrap();
+        drop(a);
+        assert_eq!(kinds(&f.messages()), [UPDATE, INVALIDATE]);
+        f.shared.end_batch().unwrap();
+        f.shared.after_reset().unwrap();
+        assert!(f.messages().is_empty());
+    }
+
+    #[test]
+    fn dropping_regions_unmaps_them_and_returns_every_iova() {
+        let mut f = Fake::new(false, true, 16);
+        let free = f.shared.free_iova_bytes();
+        let regions: Vec<_> = (1..=4).map(|n| alloc_dma(&f.shared, n * 1000).unwrap()).collect();
+        assert_eq!(f.shared.mappings(), 4);
+        let mapped: Vec<_> = f.messages();
+        drop(regions);
+        let unmapped = f.messages();
+        assert_eq!(kinds(&unmapped), [INVALIDATE; 4]);
+        for (u, i) in mapped.iter().zip(&unmapped) {
+            assert_eq!((u.iova, u.size), (i.iova, i.size), "each invalidation covers its update");
+        }
+        assert_eq!(f.shared.mappings(), 0);
+        assert_eq!(f.shared.free_iova_bytes(), free);
+    }
+
+    #[test]
+    fn an_exhausted_window_is_a_typed_error_and_leaks_nothing() {
+        let mut f = Fake::new(false, true, 2);
+        let page = page_size();
+        let e = alloc_dma(&f.shared, 3 * page).unwrap_err();
+        assert_eq!(e.step(), Step::Memory);
+        assert!(e.to_string().contains("no free IOVA range"), "{e}");
+        assert!(f.messages().is_empty(), "nothing was sent");
+        assert_eq!(f.shared.free_iova_bytes(), 2 * page as u64);
+        let a = alloc_dma(&f.shared, 2 * page).unwrap();
+        assert!(alloc_dma(&f.shared, 1).is_err());
+        drop(a);
+        assert_eq!(f.shared.free_iova_bytes(), 2 * page as u64);
+    }
+
+    #[test]
+    fn a_reset_without_persist_sends_every_mapping_again() {
+        let mut f = Fake::new(true, false, 16);
+        let a = alloc_dma(&f.shared, 100).unwrap();
+        f.shared.end_batch().unwrap();
+        let first = f.messages();
+        f.shared.after_reset().unwrap();
+        let m = f.messages();
+        assert_eq!(kinds(&m), [BEGIN, INVALIDATE, UPDATE]);
+        assert_eq!((m[2].iova, m[2].uaddr), (first[1].iova, first[1].uaddr));
+        assert_eq!(m[2].iova, a.iova());
+        // With PERSIST the parent keeps them: nothing to send.
+        let mut p = Fake::new(true, true, 16);
+        let _b = alloc_dma(&p.shared, 100).unwrap();
+        p.shared.end_batch().unwrap();
+        p.messages();
+        p.shared.after_reset().unwrap();
+        assert!(p.messages().is_empty());
+    }
+
+    #[test]
+    fn closing_unmaps_everything_and_later_drops_send_nothing() {
+        let mut f = Fake::new(true, true, 16);
+        let free = f.shared.free_iova_bytes();
+        let a = alloc_dma(&f.shared, 100).unwrap();
+        let b = alloc_dma(&f.shared, 5000).unwrap();
+        f.messages();
+        f.shared.close();
+        let m = f.messages();
+        assert_eq!(kinds(&m), [END, BEGIN, INVALIDATE, INVALIDATE, END]);
+        assert_eq!(f.shared.mappings(), 0);
+        assert_eq!(f.shared.free_iova_bytes(), free);
+        drop((a, b));
+        assert!(f.messages().is_empty());
+        let e = alloc_dma(&f.shared, 1).unwrap_err();
+        assert!(e.is_disconnected(), "{e}");
+    }
+
+    #[test]
+    fn regions_outliving_the_transport_only_free_their_memory() {
+        let f = Fake::new(false, true, 16);
+        let a = alloc_dma(&f.shared, 100).unwrap();
+        let Fake { shared, file, .. } = f;
+        assert_eq!(Arc::strong_count(&shared), 1, "a region does not keep the device open");
+        drop(shared);
+        let written = file.metadata().unwrap().len();
+        drop(a);
+        assert_eq!(file.metadata().unwrap().len(), written, "nothing is sent to a closed device");
+    }
+
+    #[test]
+    fn map_memory_takes_a_memfd_and_refuses_anonymous_memory() {
+        let mut f = Fake::new(false, true, 16);
+        let page = page_size();
+        let m = MemFd::new("map-test", 2 * page).unwrap();
+        let addr = m.as_ptr() as usize + 100;
+        let iova = map_memory(&f.shared, addr, page, m.fd(), 100).unwrap();
+        assert_eq!(iova % page as u64, 100);
+        let msgs = f.messages();
+        assert_eq!(kinds(&msgs), [UPDATE]);
+        // The whole pages around the range are mapped.
+        assert_eq!((msgs[0].uaddr, msgs[0].size), (m.as_ptr() as u64, 2 * page as u64));
+        assert_eq!(f.shared.translate(addr + 8, 16), Some(iova + 8));
+        assert_eq!(f.shared.translate(addr + 2 * page, 1), None);
+        assert!(f.shared.iova_mapped(iova - 100, 2 * page as u64));
+        assert!(!f.shared.iova_mapped(iova - 100, 2 * page as u64 + 1));
+        let e = map_memory(&f.shared, addr, page, m.fd(), 100).unwrap_err();
+        assert!(e.to_string().contains("already mapped"), "{e}");
+        let e = map_memory(&f.shared, m.as_ptr() as usize + 50, 10, m.fd(), 10).unwrap_err();
+        assert!(e.to_string().contains("cannot be that of"), "{e}");
+
+        let anon = vec![0u8; 3 * page];
+        let aligned = (anon.as_ptr() as usize).next_multiple_of(page);
+        let e = map_memory(&f.shared, aligned, page, m.fd(), 0).unwrap_err();
+        assert_eq!(e.step(), Step::Memory);
+        assert!(e.to_string().contains("vhost-vdpa needs shared, file-backed memory (memfd)"), "{e}");
+        assert!(f.messages().is_empty(), "nothing sent for refused memory");
+
+        f.shared.unmap(addr).unwrap();
+        assert_eq!(kinds(&f.messages()), [INVALIDATE]);
+        assert!(f.shared.unmap(addr).is_err());
+        assert_eq!(f.shared.translate(addr, 1), None);
+    }
 }
