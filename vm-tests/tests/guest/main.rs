@@ -14,6 +14,8 @@ mod pci_no_access_platform;
 #[macro_use]
 mod vdpa;
 
-vhost_vdpa_tests!(vdpa_sim, DeviceKind::VdpaSim);
-vhost_vdpa_tests!(vdpa_sim_pa, DeviceKind::VdpaSimPa);
-vhost_vdpa_tests!(vduse, DeviceKind::Vduse);
+// vdpa_sim_blk has one virtqueue; qemu-storage-daemon's VDUSE export is started with
+// num-queues=2 (xtask/src/vm/guest.rs).
+vhost_vdpa_tests!(vdpa_sim, DeviceKind::VdpaSim, queues = 1);
+vhost_vdpa_tests!(vdpa_sim_pa, DeviceKind::VdpaSimPa, queues = 1);
+vhost_vdpa_tests!(vduse, DeviceKind::Vduse, queues = 2);

@@ -278,7 +278,7 @@ setup_vduse() {
     truncate -s 64M /tmp/vduse.img
     qemu-storage-daemon \
         --blockdev driver=file,node-name=file0,filename=/tmp/vduse.img \
-        --export type=vduse-blk,id=vduse0,node-name=file0,name=vduse0,writable=on,num-queues=2 \
+        --export type=vduse-blk,id=vduse0,node-name=file0,name=vduse0,writable=on,num-queues=2,serial=uvirtio-vduse0 \
         > /tmp/qsd.log 2>&1 &
     QSD_PID=$!
     while [ ! -e /dev/vduse/vduse0 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
