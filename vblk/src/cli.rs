@@ -37,10 +37,12 @@ pub struct TargetArgs {
     /// Connect to a vhost-user-blk back-end listening on this unix socket.
     #[arg(long, value_name = "PATH", group = "target")]
     pub vhost_user: Option<PathBuf>,
-    /// A vhost-vdpa device, e.g. /dev/vhost-vdpa-0 (transport not built yet).
+    /// A vhost-vdpa device, e.g. /dev/vhost-vdpa-0 (its memory is memfd-backed and mapped
+    /// through the vhost IOTLB).
     #[arg(long, value_name = "DEV", group = "target")]
     pub vdpa: Option<PathBuf>,
-    /// A PCI device bound to vfio-pci, e.g. 0000:00:04.0 (transport not built yet).
+    /// A modern virtio-blk PCI function bound to vfio-pci, by address (0000:00:04.0) or sysfs
+    /// path; it must offer VIRTIO_F_ACCESS_PLATFORM.
     #[arg(long, value_name = "ADDR", group = "target")]
     pub pci: Option<String>,
     /// Embedded server: serve this image file (its size is the capacity) instead of RAM.
@@ -143,9 +145,9 @@ pub struct VerifyArgs {
     /// Seed of the pattern; each 512-byte sector holds its own offset and the seed.
     #[arg(long, value_name = "S", default_value_t = 1)]
     pub seed: u64,
-    /// Size of each I/O.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
-    pub bs: u64,
+    /// Size of each I/O [default: 64K, or the device's largest segment (size_max) if smaller].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub bs: Option<u64>,
     /// I/Os in flight.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub iodepth: u16,

@@ -1,10 +1,13 @@
-//! Opening the device a command drives: a vhost-user back-end, or the embedded server started
-//! in this process on a temporary unix socket.
+//! Opening the device a command drives: a vhost-user back-end, a vhost-vdpa device, a PCI
+//! device bound to vfio-pci, or the embedded server started in this process on a temporary
+//! unix socket.
 
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 
 use tempfile::TempDir;
+use transport_pci::{PciOptions, PciTransport};
+use transport_vdpa::VdpaTransport;
 use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
 use vblk::server::{Server, ServerHandle, ServerOptions, Storage, DEFAULT_QUEUE_SIZE};
 use virtio_blk_dev::{BlkDevice, BlkOptions, BlkQueue};
@@ -106,22 +109,28 @@ impl TargetArgs {
 /// Opens the target of `args`. `ram_size` is the embedded RAM disk's size; `queue_size` the
 /// largest queue size to negotiate (and to offer, for the embedded server).
 pub fn open(args: &TargetArgs, ram_size: u64, queue_size: u16) -> Result<Target, String> {
-    if args.vdpa.is_some() {
-        return Err("the vhost-vdpa transport (--vdpa) is not built yet".into());
-    }
-    if args.pci.is_some() {
-        return Err("the VFIO PCI transport (--pci) is not built yet".into());
-    }
     let options = args.blk_options(queue_size);
     let vu_options = VhostUserOptions { max_queue_size: queue_size.max(1024), ..VhostUserOptions::default() };
-    let (dev, name, embedded) = match &args.vhost_user {
-        Some(path) => {
+    let (dev, name, embedded) = match (&args.vhost_user, &args.vdpa, &args.pci) {
+        (_, Some(node), _) => {
+            let t = VdpaTransport::open(node).map_err(|e| e.to_string())?;
+            let dev = BlkDevice::open(AnyTransport::Vdpa(t), options)
+                .map_err(|e| format!("cannot open {}: {e}", node.display()))?;
+            (dev, format!("vdpa:{}", node.display()), None)
+        }
+        (_, _, Some(address)) => {
+            let t = PciTransport::open(address, PciOptions::default()).map_err(|e| e.to_string())?;
+            let dev = BlkDevice::open(AnyTransport::Pci(Box::new(t)), options)
+                .map_err(|e| format!("cannot open {address}: {e}"))?;
+            (dev, format!("pci:{address}"), None)
+        }
+        (Some(path), _, _) => {
             let t = VhostUserTransport::connect(path, vu_options).map_err(|e| e.to_string())?;
             let dev = BlkDevice::open(AnyTransport::VhostUser(t), options)
                 .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
             (dev, format!("vhost-user:{}", path.display()), None)
         }
-        None => {
+        (None, None, None) => {
             let dir = tempfile::Builder::new()
                 .prefix("vblk-")
                 .tempdir()

@@ -6,6 +6,8 @@
 
 use std::os::fd::BorrowedFd;
 
+use transport_pci::PciTransport;
+use transport_vdpa::VdpaTransport;
 use transport_vhost_user::VhostUserTransport;
 use virtio_transport_api::{CompletionEvent, DeviceStatus, DmaRegion, Notifier, QueueSetup, Result, Transport};
 
@@ -14,6 +16,8 @@ macro_rules! each {
     ($self:expr, $t:ident => $body:expr) => {
         match $self {
             AnyTransport::VhostUser($t) => $body,
+            AnyTransport::Vdpa($t) => $body,
+            AnyTransport::Pci($t) => $body,
         }
     };
 }
@@ -22,18 +26,28 @@ macro_rules! each {
 pub enum AnyTransport {
     /// `--vhost-user PATH`, and the embedded server.
     VhostUser(VhostUserTransport),
+    /// `--vdpa /dev/vhost-vdpa-N`.
+    Vdpa(VdpaTransport),
+    /// `--pci DDDD:BB:DD.F` (bound to vfio-pci); boxed, it holds the BAR maps and MSI-X state.
+    Pci(Box<PciTransport>),
 }
 
 /// The kick of an [`AnyTransport`] queue.
 pub enum AnyNotifier {
     /// A vhost-user kick eventfd.
     VhostUser(<VhostUserTransport as Transport>::Notifier),
+    /// A vhost-vdpa kick eventfd.
+    Vdpa(<VdpaTransport as Transport>::Notifier),
+    /// A write to the queue's virtio-pci notify register.
+    Pci(<PciTransport as Transport>::Notifier),
 }
 
 impl Notifier for AnyNotifier {
     fn notify(&self) -> Result<()> {
         match self {
             AnyNotifier::VhostUser(n) => n.notify(),
+            AnyNotifier::Vdpa(n) => n.notify(),
+            AnyNotifier::Pci(n) => n.notify(),
         }
     }
 }
@@ -77,6 +91,8 @@ impl Transport for AnyTransport {
     fn setup_queue(&mut self, index: u16, setup: &QueueSetup) -> Result<(AnyNotifier, CompletionEvent)> {
         match self {
             AnyTransport::VhostUser(t) => t.setup_queue(index, setup).map(|(n, c)| (AnyNotifier::VhostUser(n), c)),
+            AnyTransport::Vdpa(t) => t.setup_queue(index, setup).map(|(n, c)| (AnyNotifier::Vdpa(n), c)),
+            AnyTransport::Pci(t) => t.setup_queue(index, setup).map(|(n, c)| (AnyNotifier::Pci(n), c)),
         }
     }
     fn alloc_dma(&self, len: usize) -> Result<DmaRegion> {

@@ -219,6 +219,17 @@ impl<T: Transport> BlkDevice<T> {
         }
     }
 
+    /// The largest data segment (one buffer) a request may carry: `size_max` when
+    /// VIRTIO_BLK_F_SIZE_MAX was negotiated with a non-zero value, else `u32::MAX`. Larger
+    /// transfers take several segments (`submit_readv`/`submit_writev`) or several requests
+    /// (the blocking layer splits on its own).
+    pub fn max_segment_size(&self) -> u64 {
+        match self.config.size_max.get() {
+            n if n != 0 && self.blk_features().contains(BlkFeatures::SIZE_MAX) => u64::from(n),
+            _ => u64::from(u32::MAX),
+        }
+    }
+
     /// The topology, if VIRTIO_BLK_F_TOPOLOGY was negotiated.
     pub fn topology(&self) -> Option<Topology> {
         self.blk_features().contains(BlkFeatures::TOPOLOGY).then(|| Topology {

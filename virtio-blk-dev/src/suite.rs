@@ -84,10 +84,7 @@ pub fn next<T: Transport>(q: &mut BlkQueue<T>) -> Completion {
 /// `want` bytes, or fewer when the device's `size_max` (VIRTIO_BLK_F_SIZE_MAX) limits one
 /// segment to less, in whole blocks.
 pub fn segment_len<T: Transport>(dev: &BlkDevice<T>, want: usize) -> usize {
-    let size_max = dev.config().size_max.get() as usize;
-    if !dev.blk_features().contains(BlkFeatures::SIZE_MAX) || size_max == 0 {
-        return want;
-    }
+    let size_max = usize::try_from(dev.max_segment_size()).unwrap_or(usize::MAX);
     let bs = dev.block_size() as usize;
     (want.min(size_max) / bs * bs).max(bs)
 }

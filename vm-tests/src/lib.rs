@@ -311,3 +311,54 @@ mod tests {
         assert_eq!(parse_feature_bits(&"1".repeat(65)), None);
     }
 }
+
+/// The region `pci::data_reaches_the_host_disk` writes, which `cargo xtask vm-test` then
+/// compares with the disk image file on the host after QEMU exits (xtask's
+/// `vm/disk_check.rs` holds the same definitions; both pin the pattern in a test).
+pub mod host_disk {
+    /// Where the region starts on the disk.
+    pub const OFFSET: u64 = 48 << 20;
+    /// Its length.
+    pub const LEN: usize = 1 << 20;
+
+    /// Byte `i` of the region.
+    pub fn byte(i: usize) -> u8 {
+        ((i as u32).wrapping_mul(2_654_435_761) >> 24) as u8 ^ (i >> 12) as u8
+    }
+
+    /// The whole region's contents.
+    pub fn pattern() -> Vec<u8> {
+        (0..LEN).map(byte).collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn pattern_is_pinned() {
+            let first: Vec<u8> = (0..6).map(super::byte).collect();
+            assert_eq!(first, [0x00, 0x9e, 0x3c, 0xda, 0x78, 0x17]);
+            assert_eq!(super::byte(4096), 0x76);
+        }
+    }
+}
+
+/// Runs the guest's `/bin/vblk` (or `$VIRTIO_TEST_VBLK`) with `args` and returns its
+/// standard output; panics with the command, its status and its stderr if it fails.
+pub fn run_vblk(args: &[&str]) -> String {
+    let program = std::env::var("VIRTIO_TEST_VBLK").unwrap_or_else(|_| "/bin/vblk".into());
+    let out = std::process::Command::new(&program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        panic!(
+            "`{program} {}` failed ({}):\nstdout: {stdout}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!("$ vblk {}\n{stdout}", args.join(" "));
+    stdout
+}

@@ -59,6 +59,9 @@ fn compare(got: &[u8], want: &[u8], offset: u64) -> Option<(u64, String)> {
     ))
 }
 
+/// `verify`'s I/O size unless `--bs` says otherwise (or the device's segments are smaller).
+const DEFAULT_BS: u64 = 64 * 1024;
+
 /// Keeps `bufs.len()` requests of one direction in flight over `offsets`; calls `prepare`
 /// before each write and `check` after each read completes.
 fn pipeline(
@@ -143,13 +146,15 @@ pub fn run(a: VerifyArgs) -> Result<ExitCode, String> {
     };
     check_range(&t.dev, "verify", a.offset, len)?;
     let bsz = u64::from(t.dev.block_size());
-    if a.bs % bsz != 0 {
-        return Err(format!("verify: --bs {} is not a multiple of the device's {bsz}-byte block size", a.bs));
+    // By default as large as one segment may be (vdpa_sim_blk allows 4 KiB), at most 64 KiB.
+    let requested = a.bs.unwrap_or_else(|| (DEFAULT_BS.min(t.dev.max_segment_size()) / bsz * bsz).max(bsz));
+    if requested % bsz != 0 {
+        return Err(format!("verify: --bs {requested} is not a multiple of the device's {bsz}-byte block size"));
     }
     if !a.no_write && t.dev.read_only() {
         return Err(format!("{} is read-only (use --no-write to check an existing pattern)", t.name));
     }
-    let bs = a.bs.min(len);
+    let bs = requested.min(len);
     let full = len / bs;
     let tail = len % bs;
     let depth = usize::from(a.iodepth).min(full.max(1) as usize);

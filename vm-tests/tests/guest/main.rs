@@ -4,8 +4,10 @@
 //! `pci_no_access_platform` (negative-control boot).
 //!
 //! One file per transport: `pci.rs` and `pci_no_access_platform.rs` (VFIO), `vdpa.rs`
-//! (vhost-vdpa; its macro makes one module per vhost-vdpa device kind).
+//! (vhost-vdpa; its macro makes one module per vhost-vdpa device kind); `cli.rs` runs the
+//! `vblk` binary on each device.
 
+mod cli;
 mod pci_common;
 
 mod pci;

@@ -297,4 +297,26 @@ fn the_device_can_be_opened_again_after_drop() {
     }
 }
 
+#[test]
+fn vblk_info_verify_and_bench() {
+    let dev = device_or_skip!(DeviceKind::Pci);
+    crate::cli::info_verify_and_bench(&["--pci", dev.to_str().expect("a UTF-8 sysfs path")], 2);
+}
+
+/// Writes the region `cargo xtask vm-test` checks in the host's disk image after QEMU exits
+/// (`vm_tests::host_disk`): the data went through transport-pci, the guest IOMMU and QEMU's
+/// virtio-blk into the file, not just into a cache the driver reads back.
+#[test]
+fn data_reaches_the_host_disk() {
+    let _dev = device_or_skip!(DeviceKind::Pci);
+    let mut dev = open(BlkOptions::default());
+    let mut q = dev.take_queue(0).expect("queue 0");
+    let data = vm_tests::host_disk::pattern();
+    q.write_at(vm_tests::host_disk::OFFSET, &data).unwrap_or_else(|e| panic!("write the host-disk region: {e}"));
+    q.flush().unwrap_or_else(|e| panic!("flush: {e}"));
+    let mut back = vec![0u8; data.len()];
+    q.read_at(vm_tests::host_disk::OFFSET, &mut back).unwrap_or_else(|e| panic!("read it back: {e}"));
+    assert!(back == data, "the region reads back as written");
+}
+
 virtio_blk_dev::operation_suite!(open, image = None, packed = true, queues = 2);

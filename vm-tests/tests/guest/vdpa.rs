@@ -397,6 +397,14 @@ macro_rules! vhost_vdpa_tests {
                 check_drop_releases(&node);
             }
 
+            #[test]
+            fn vblk_info_verify_and_bench() {
+                let node = device_or_skip!($kind);
+                lift_memlock_limit();
+                let node = node.to_str().expect("a UTF-8 device node");
+                $crate::cli::info_verify_and_bench(&["--vdpa", node], $queues);
+            }
+
             /// The device for the operation suite: every scenario opens it afresh.
             fn open(options: BlkOptions) -> virtio_blk_dev::BlkDevice<transport_vdpa::VdpaTransport> {
                 let node = match vm_tests::lookup($kind) {
