@@ -550,6 +550,13 @@ impl Transport for PciTransport {
         Ok(())
     }
 
+    /// ACCESS_PLATFORM: the device's addresses are IOVAs behind an IOMMU. `negotiate`
+    /// accepts it, so the device crate's negotiated features show it; `set_driver_features`
+    /// adds it as well, for callers that write features themselves.
+    fn transport_features(&self) -> u64 {
+        VirtioFeatures::ACCESS_PLATFORM.bits()
+    }
+
     fn config_generation(&mut self) -> Result<u32> {
         Ok(u32::from(self.common.config_generation()))
     }
@@ -828,7 +835,7 @@ mod tests {
         assert_eq!(t.offered_features(), 0x43_0000_0043);
         assert_eq!(t.device_features().unwrap(), 0x3_0000_0043, "bit 38 (NOTIFICATION_DATA) hidden");
         let f = negotiate(&mut t, 1 << 6, 0).unwrap();
-        assert_eq!(f, (1 << 32) | (1 << 6));
+        assert_eq!(f, (1 << 33) | (1 << 32) | (1 << 6), "negotiate reports the transport's ACCESS_PLATFORM");
         // The last write of driver_feature is the high half: VERSION_1 | ACCESS_PLATFORM.
         assert_eq!(regs.peek::<u32>(COMMON + 12), 0b11);
         assert_eq!(regs.peek::<u8>(COMMON + 20), 0b1011, "ACKNOWLEDGE | DRIVER | FEATURES_OK");

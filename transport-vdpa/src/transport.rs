@@ -305,6 +305,13 @@ impl Transport for VdpaTransport {
         Ok(())
     }
 
+    /// ACCESS_PLATFORM: the device's addresses are IOVAs behind an IOMMU. `negotiate`
+    /// accepts it, so the device crate's negotiated features show it; `set_driver_features`
+    /// adds it as well, for callers that write features themselves.
+    fn transport_features(&self) -> u64 {
+        VirtioFeatures::ACCESS_PLATFORM.bits()
+    }
+
     fn config_generation(&mut self) -> Result<u32> {
         self.generation.current()
     }

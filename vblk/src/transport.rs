@@ -76,6 +76,9 @@ impl Transport for AnyTransport {
     fn set_driver_features(&mut self, features: u64) -> Result<()> {
         each!(self, t => t.set_driver_features(features))
     }
+    fn transport_features(&self) -> u64 {
+        each!(self, t => t.transport_features())
+    }
     fn config_generation(&mut self) -> Result<u32> {
         each!(self, t => t.config_generation())
     }

@@ -60,6 +60,15 @@ pub trait Transport {
     /// Writes the features the driver accepts (before FEATURES_OK).
     fn set_driver_features(&mut self, features: u64) -> Result<()>;
 
+    /// Feature bits that belong to the transport rather than to the device crate, accepted
+    /// by [`negotiate`] whenever the device offers them: `VIRTIO_F_ACCESS_PLATFORM` for
+    /// transports whose device reaches memory through an IOMMU (vhost-vdpa, VFIO PCI), so
+    /// that the negotiated feature word a device crate reports is the one the device holds.
+    /// A transport that cannot work without one of them refuses the device when it opens it.
+    fn transport_features(&self) -> u64 {
+        0
+    }
+
     /// The configuration generation counter (constant for transports without one).
     fn config_generation(&mut self) -> Result<u32>;
 
@@ -120,7 +129,8 @@ fn fail<T: Transport + ?Sized>(t: &mut T, err: Error) -> Error {
 ///
 /// Resets, sets ACKNOWLEDGE and DRIVER, checks that every bit of `required`
 /// (plus VERSION_1, always required) is offered, writes `offered & (supported |
-/// required)`, sets FEATURES_OK and reads it back. On any error the device is
+/// required | transport features)` (see [`Transport::transport_features`]), sets
+/// FEATURES_OK and reads it back. On any error the device is
 /// left with FAILED set.
 pub fn negotiate<T: Transport + ?Sized>(t: &mut T, supported: u64, required: u64) -> Result<u64> {
     t.reset()?;
@@ -133,7 +143,7 @@ pub fn negotiate<T: Transport + ?Sized>(t: &mut T, supported: u64, required: u64
         if missing != 0 {
             return Err(Error::new(t.name(), Step::Features, Cause::MissingFeatures { missing, offered }));
         }
-        let features = offered & (supported | required);
+        let features = offered & (supported | required | t.transport_features());
         t.set_driver_features(features)?;
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK)?;
         let status = t.status()?;
@@ -329,6 +339,82 @@ mod tests {
         assert_eq!(t.log, [S::ACKNOWLEDGE, S::ACKNOWLEDGE | S::DRIVER, S::ACKNOWLEDGE | S::DRIVER | S::FEATURES_OK]);
         driver_ok(&mut t).unwrap();
         assert_eq!(t.status, S::ACKNOWLEDGE | S::DRIVER | S::FEATURES_OK | S::DRIVER_OK);
+    }
+
+    /// A transport with its own feature bit (as vhost-vdpa and VFIO PCI have ACCESS_PLATFORM).
+    struct Iommu(Fake);
+
+    impl Transport for Iommu {
+        type Notifier = EventFd;
+        fn name(&self) -> &'static str {
+            "iommu"
+        }
+        fn device_id(&self) -> u32 {
+            2
+        }
+        fn reset(&mut self) -> Result<()> {
+            self.0.reset()
+        }
+        fn status(&mut self) -> Result<DeviceStatus> {
+            self.0.status()
+        }
+        fn set_status(&mut self, status: DeviceStatus) -> Result<()> {
+            self.0.set_status(status)
+        }
+        fn device_features(&mut self) -> Result<u64> {
+            self.0.device_features()
+        }
+        fn set_driver_features(&mut self, features: u64) -> Result<()> {
+            self.0.set_driver_features(features)
+        }
+        fn transport_features(&self) -> u64 {
+            VirtioFeatures::ACCESS_PLATFORM.bits()
+        }
+        fn config_generation(&mut self) -> Result<u32> {
+            self.0.config_generation()
+        }
+        fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
+            self.0.read_config(offset, buf)
+        }
+        fn max_queues(&self) -> u16 {
+            1
+        }
+        fn max_queue_size(&mut self, index: u16) -> Result<u16> {
+            self.0.max_queue_size(index)
+        }
+        fn setup_queue(&mut self, index: u16, setup: &QueueSetup) -> Result<(EventFd, CompletionEvent)> {
+            self.0.setup_queue(index, setup)
+        }
+        fn alloc_dma(&self, len: usize) -> Result<DmaRegion> {
+            self.0.alloc_dma(len)
+        }
+        unsafe fn map_memory(&self, addr: *mut u8, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<u64> {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.0.map_memory(addr, len, fd, offset) }
+        }
+        unsafe fn unmap_memory(&self, addr: *mut u8) -> Result<()> {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.0.unmap_memory(addr) }
+        }
+        fn translate(&self, addr: *const u8, len: usize) -> Option<u64> {
+            self.0.translate(addr, len)
+        }
+    }
+
+    #[test]
+    fn negotiate_accepts_the_transport_s_own_bits_when_offered() {
+        const AP: u64 = VirtioFeatures::ACCESS_PLATFORM.bits();
+        let mut t = Iommu(Fake::new(V1 | EVENT_IDX | AP));
+        let f = negotiate(&mut t, EVENT_IDX, 0).unwrap();
+        assert_eq!(f, V1 | EVENT_IDX | AP, "the driver features report ACCESS_PLATFORM");
+        assert_eq!(t.0.driver, f);
+        // Not offered: not written, and not an error here (the transport refuses at open
+        // if it cannot do without).
+        let mut t = Iommu(Fake::new(V1 | EVENT_IDX));
+        assert_eq!(negotiate(&mut t, EVENT_IDX, 0).unwrap(), V1 | EVENT_IDX);
+        // A plain transport does not accept it.
+        let mut t = Fake::new(V1 | AP);
+        assert_eq!(negotiate(&mut t, 0, 0).unwrap(), V1);
     }
 
     #[test]

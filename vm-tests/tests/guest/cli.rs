@@ -12,6 +12,8 @@ pub fn info_verify_and_bench(target: &[&str], queues: u16) {
 
     let info = run(with(&["info"]));
     assert!(info.contains("capacity"), "vblk info says what the device is:\n{info}");
+    // Both IOMMU transports negotiate it (Transport::transport_features), and info shows it.
+    assert!(info.contains("ACCESS_PLATFORM"), "vblk info lists VIRTIO_F_ACCESS_PLATFORM:\n{info}");
 
     let verify = run(with(&["verify", "--length", "8M", "--offset", "1M", "--seed", "7"]));
     assert!(verify.contains("OK"), "vblk verify found the pattern intact:\n{verify}");
