@@ -1,6 +1,6 @@
 //! [`VdpaTransport`]: opening `/dev/vhost-vdpa-N` and the [`Transport`] contract on it.
 
-use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -80,10 +80,7 @@ impl std::fmt::Debug for VdpaTransport {
 
 /// A `vmm_sys_util` eventfd on a duplicate of `fd`, for the `vhost` crate's API.
 fn sys_eventfd(fd: &EventFd, step: Step) -> Result<vmm_sys_util::eventfd::EventFd> {
-    let dup = fd.try_clone().map_err(|e| Error::os(NAME, step, e))?;
-    let raw = OwnedFd::from(dup);
-    // SAFETY: `raw` is an eventfd we own; ownership moves into the wrapper.
-    Ok(unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(raw.into_raw_fd()) })
+    fd.to_vmm_sys_util().map_err(|e| Error::os(NAME, step, e))
 }
 
 /// Bytes of the descriptor, driver and device areas of a ring (virtio 1.2

@@ -489,10 +489,7 @@ impl VhostUserTransport {
 
 /// A `vmm_sys_util` eventfd on a duplicate of `fd`, for the `vhost` crate's API.
 fn sys_eventfd(fd: &EventFd, step: Step) -> Result<vmm_sys_util::eventfd::EventFd> {
-    let dup = fd.try_clone().map_err(|e| Error::os(NAME, step, e))?;
-    let raw = OwnedFd::from(dup);
-    // SAFETY: `raw` is an eventfd we own; ownership moves into the wrapper.
-    Ok(unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(raw)) })
+    fd.to_vmm_sys_util().map_err(|e| Error::os(NAME, step, e))
 }
 
 impl Transport for VhostUserTransport {

@@ -77,6 +77,17 @@ impl EventFd {
     pub fn try_clone(&self) -> std::io::Result<EventFd> {
         Ok(EventFd { fd: self.fd.try_clone()? })
     }
+
+    /// The same eventfd (a duplicated descriptor) as the `vmm-sys-util` type that the
+    /// rust-vmm `vhost` crate takes for kick, call and config eventfds.
+    #[cfg(feature = "vmm-sys-util")]
+    pub fn to_vmm_sys_util(&self) -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
+        use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+        let dup = self.fd.try_clone()?;
+        // SAFETY: `dup` is an open eventfd descriptor owned by nothing else; its ownership
+        // moves into the wrapper, which closes it on drop.
+        Ok(unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(dup.into_raw_fd()) })
+    }
 }
 
 impl AsRawFd for EventFd {
