@@ -38,12 +38,15 @@ pub struct Slot<T> {
     /// The queue's publication counter once this chain is published (see
     /// [`SlotTable::complete`]), to tell published chains from pending ones.
     stamp: u64,
+    /// Split queues: the queue's frame epoch when this descriptor was made
+    /// the head of a framed chain (see `SplitQueue::add_framed`); 0 never.
+    frame_epoch: u64,
 }
 
 impl<T> Slot<T> {
     /// An empty slot.
     pub const fn new() -> Self {
-        Slot { token: None, next_free: 0, last: 0, ring_descs: 0, fifo: 0, writable: 0, stamp: 0 }
+        Slot { token: None, next_free: 0, last: 0, ring_descs: 0, fifo: 0, writable: 0, stamp: 0, frame_epoch: 0 }
     }
 
     /// An array of empty slots, for the owning (`const N`) queue variants.
@@ -302,6 +305,18 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
     #[inline(always)]
     pub fn next_free(&self, i: u16) -> u16 {
         self.slot(i).next_free
+    }
+
+    /// The frame epoch recorded for entry `i` (below the queue size).
+    #[inline(always)]
+    pub fn frame_epoch(&self, i: u16) -> u64 {
+        self.slot(i).frame_epoch
+    }
+
+    /// Records `epoch` as entry `i`'s frame epoch (`i` below the queue size).
+    #[inline(always)]
+    pub fn set_frame_epoch(&mut self, i: u16, epoch: u64) {
+        self.slot_mut(i).frame_epoch = epoch;
     }
 
     /// Free-list entries a chain of `ring_descs` descriptors takes: one per
