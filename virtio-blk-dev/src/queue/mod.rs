@@ -20,14 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virtio_queue_core::{
-    Buffer, DriverQueue, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedMemory, Slot,
-    SlotStorage, Virtqueue,
+    Buffer, ChainFrame, DriverQueue, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedMemory,
+    Slot, SlotStorage, Virtqueue,
 };
 use virtio_transport_api::{Cause, CompletionEvent, DmaRegion, Error, QueueSetup, Step, Transport};
 
 use crate::buf::DmaBuf;
 use crate::error::{BlkError, Result};
-use crate::spec::ID_LEN;
+use crate::spec::{HEADER_LEN, ID_LEN};
 
 use validate::FastLimits;
 pub(crate) use validate::Limits;
@@ -293,7 +293,17 @@ impl<T: Transport> BlkQueue<T> {
             indirect: tables,
         };
         let slots = SlotBox((0..size).map(|_| Slot::new()).collect());
-        let vq = Virtqueue::new(config, slots).map_err(|e| bad(format!("{e:?}")))?;
+        let mut vq = Virtqueue::new(config, slots).map_err(|e| bad(format!("{e:?}")))?;
+        // One-buffer reads and writes are framed chains: header and status in
+        // the request's area.
+        let frame = ChainFrame {
+            iova: mem.iova() + (area_off + A_HDR) as u64,
+            stride: AREA as u32,
+            header_len: HEADER_LEN as u32,
+            status_offset: (A_STATUS - A_HDR) as u32,
+            status_len: 1,
+        };
+        vq.set_chain_frame(frame).map_err(|e| bad(format!("{e:?}")))?;
         let (notifier, event) = t.setup_queue(index, &QueueSetup::of::<u16, _>(&vq))?;
         let n = size as usize;
         Ok(BlkQueue {

@@ -6,7 +6,7 @@
 //! token; if the ring refuses the chain, its buffers go back to the caller
 //! and the id stays free.
 
-use virtio_queue_core::{Buffer, DriverQueue, SharedMemory};
+use virtio_queue_core::{Buffer, DriverQueue, SharedMemory, Virtqueue};
 use virtio_transport_api::{Notifier, Transport};
 
 use super::{BlkQueue, Bufs, Rejected, RequestKind, AREA, A_HDR, A_ID, A_SEG, A_STATUS, S_PRESET};
@@ -48,85 +48,65 @@ fn write_header(areas: &SharedMemory<'_>, area: usize, ty: u32, sector: u64) {
 }
 
 impl<T: Transport> BlkQueue<T> {
-    /// A free id for a one-buffer request of `len` bytes at `offset`, if
-    /// every check passes and the queue has room: one branch when they do.
+    /// A one-buffer read or write: the hot path. Every check in one branch
+    /// ([`super::validate::FastLimits::one_ok`]), then one dispatch on the
+    /// ring format for both the id and the framed chain (header and status
+    /// in the request's area, see `BlkQueue::new`). The chain is added
+    /// before the request's header and state are written: the device sees
+    /// none of it before `publish`, and a refused chain leaves nothing to
+    /// undo. The buffer then moves once, into the request's state.
     #[inline(always)]
-    fn take_id_one(&mut self, offset: u64, len: u64, write: bool) -> Result<u16> {
-        if self.fast.one_ok(offset, len, write) & !self.failed {
-            if let Some(id) = self.vq.next_id() {
-                return Ok(id);
-            }
+    fn submit_one(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
+        let len = buf.len() as u64;
+        if !(self.fast.one_ok(offset, len, write) & !self.failed) {
+            return self.submit_one_slow(offset, buf, tag, write);
         }
-        self.take_id_one_slow(offset, len, write)
+        // `len` fits in 32 bits (checked above).
+        let data = Buffer::new(buf.iova(), len as u32);
+        let added = match &mut self.vq {
+            Virtqueue::Split(q) => q.next_id().map(|id| q.add_framed(data, !write, id).map(|()| id)),
+            Virtqueue::Packed(q) => q.next_id().map(|id| q.add_framed(data, !write, id).map(|()| id)),
+        };
+        let id = match added {
+            Some(Ok(id)) => id,
+            Some(Err(e)) => return Err(Self::refused(e.error, buf)),
+            None => return Err(Rejected { error: BlkError::QueueFull, bufs: buf }),
+        };
+        let ty = if write { T_OUT } else { T_IN };
+        write_header(&self.areas, id as usize * AREA, ty, offset / SECTOR_SIZE);
+        self.unpublished = true;
+        // `id` is below the queue size, and `state` has one entry per id.
+        if let Some(r) = self.reqs.state.get_mut(id as usize) {
+            r.tag = tag;
+            r.kind = if write { RequestKind::Write } else { RequestKind::Read };
+            r.internal = false;
+            // A free id's buffers are always `Bufs::None` (see `ReqState`):
+            // there is nothing to drop, so skip the drop check. Were it not
+            // so, the old buffers would be leaked, never freed while the
+            // device may use them.
+            std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One(buf)));
+        }
+        Ok(())
     }
 
-    /// [`BlkQueue::take_id_one`] with the checks one by one, for the error.
+    /// [`BlkQueue::submit_one`] when a check fails: the checks one by one,
+    /// for the error (`QueueFull` if they all pass).
     #[cold]
     #[inline(never)]
-    fn take_id_one_slow(&mut self, offset: u64, len: u64, write: bool) -> Result<u16> {
-        self.check_one(offset, len, write)?;
-        self.take_id()
+    fn submit_one_slow(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
+        let error = match self.check_one(offset, buf.len() as u64, write).and_then(|()| self.take_id()) {
+            // Not reached: a request that passes every check takes the fast path.
+            Ok(_) => BlkError::QueueFull,
+            Err(e) => e,
+        };
+        let _ = tag;
+        Err(Rejected { error, bufs: buf })
     }
 
     /// A free id, if the queue is usable and not full.
     fn take_id(&mut self) -> Result<u16> {
         self.check_live()?;
         self.vq.next_id().ok_or(BlkError::QueueFull)
-    }
-
-    /// A one-buffer read or write: the hot path, with the chain built on the
-    /// stack. The buffer moves once, into the request's state, before the
-    /// chain is added (the device sees nothing until then); if the ring
-    /// refuses the chain it comes back out.
-    #[inline(always)]
-    fn submit_one(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
-        let len = buf.len() as u64;
-        let id = match self.take_id_one(offset, len, write) {
-            Ok(id) => id,
-            Err(error) => return Err(Rejected { error, bufs: buf }),
-        };
-        // `len` fits in 32 bits (checked above).
-        let data = Buffer::new(buf.iova(), len as u32);
-        let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
-        // `id` is below the queue size, and `state` has one entry per id.
-        let Some(r) = self.reqs.state.get_mut(id as usize) else {
-            return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
-        };
-        r.tag = tag;
-        r.kind = kind;
-        r.internal = false;
-        // A free id's buffers are always `Bufs::None` (see `ReqState`): there
-        // is nothing to drop, so skip the drop check. Were it not so, the old
-        // buffers would be leaked, never freed while the device may use them.
-        std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One(buf)));
-        let area = id as usize * AREA;
-        write_header(&self.areas, area, ty, offset / SECTOR_SIZE);
-        let iova = self.areas_iova + area as u64;
-        let header = Buffer::new(iova + A_HDR as u64, HEADER_LEN as u32);
-        let status = Buffer::new(iova + A_STATUS as u64, 1);
-        let added = if write {
-            self.vq.add(&[header, data], &[status], id)
-        } else {
-            self.vq.add(&[header], &[data, status], id)
-        };
-        if let Err(e) = added {
-            return Err(self.refused_one(id, e.error));
-        }
-        self.unpublished = true;
-        Ok(())
-    }
-
-    /// The ring refused the chain of the one-buffer request `id`: its buffer
-    /// goes back to the caller.
-    #[cold]
-    #[inline(never)]
-    fn refused_one(&mut self, id: u16, e: virtio_queue_core::Error) -> Rejected<DmaBuf> {
-        let bufs = self.reqs.state.get_mut(id as usize).map(|r| std::mem::take(&mut r.bufs));
-        match bufs {
-            Some(Bufs::One(buf)) => Self::refused(e, buf),
-            // Not reached: the buffer was stored under `id` just before.
-            _ => unreachable!("the buffer of a refused request is in its state"),
-        }
     }
 
     /// The ring refused a chain (the core queue is as before: its id is
