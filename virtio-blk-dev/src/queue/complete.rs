@@ -74,6 +74,9 @@ impl<T: Transport> BlkQueue<T> {
             _ => {}
         }
         self.failed = self.dead.is_some() || self.broken.is_some();
+        if self.failed {
+            self.fast.close();
+        }
         let mut ids = Vec::new();
         self.vq.reset(|id| ids.push(id));
         for id in ids {

@@ -49,57 +49,77 @@ fn write_header(areas: &SharedMemory<'_>, area: usize, ty: u32, sector: u64) {
 
 impl<T: Transport> BlkQueue<T> {
     /// A one-buffer read or write: the hot path. Every check in one branch
-    /// ([`super::validate::FastLimits::one_ok`]), then one dispatch on the
-    /// ring format for both the id and the framed chain (header and status
-    /// in the request's area, see `BlkQueue::new`). The chain is added
-    /// before the request's header and state are written: the device sees
-    /// none of it before `publish`, and a refused chain leaves nothing to
-    /// undo. The buffer then moves once, into the request's state.
+    /// ([`super::validate::FastLimits::one_ok`], which also refuses everything
+    /// once the queue failed), then one dispatch on the ring format for both
+    /// the id and the framed chain (header and status in the request's area,
+    /// see `BlkQueue::new`). The buffer moves once, into the request's state,
+    /// before the chain is added (the device sees nothing until then); if
+    /// the ring refuses the chain it comes back out.
     #[inline(always)]
     fn submit_one(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
         let len = buf.len() as u64;
-        if !(self.fast.one_ok(offset, len, write) & !self.failed) {
-            return self.submit_one_slow(offset, buf, tag, write);
+        if !self.fast.one_ok(offset, len, write) {
+            return self.submit_one_slow(offset, buf, write);
         }
         // `len` fits in 32 bits (checked above).
         let data = Buffer::new(buf.iova(), len as u32);
-        let added = match &mut self.vq {
-            Virtqueue::Split(q) => q.next_id().map(|id| q.add_framed(data, !write, id).map(|()| id)),
-            Virtqueue::Packed(q) => q.next_id().map(|id| q.add_framed(data, !write, id).map(|()| id)),
-        };
-        let id = match added {
-            Some(Ok(id)) => id,
-            Some(Err(e)) => return Err(Self::refused(e.error, buf)),
-            None => return Err(Rejected { error: BlkError::QueueFull, bufs: buf }),
+        macro_rules! on_ring {
+            ($q:ident) => {{
+                let Some(id) = $q.next_id() else {
+                    return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
+                };
+                // `id` is below the queue size, and `state` has one entry per id.
+                let Some(r) = self.reqs.state.get_mut(id as usize) else {
+                    return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
+                };
+                r.tag = tag;
+                r.kind = if write { RequestKind::Write } else { RequestKind::Read };
+                r.internal = false;
+                // A free id's buffers are always `Bufs::None` (see
+                // `ReqState`): there is nothing to drop, so skip the drop
+                // check. Were it not so, the old buffers would be leaked,
+                // never freed while the device may use them.
+                std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One(buf)));
+                if let Err(e) = $q.add_framed(data, !write, id) {
+                    return Err(self.refused_one(id, e.error));
+                }
+                id
+            }};
+        }
+        let id = match &mut self.vq {
+            Virtqueue::Split(q) => on_ring!(q),
+            Virtqueue::Packed(q) => on_ring!(q),
         };
         let ty = if write { T_OUT } else { T_IN };
         write_header(&self.areas, id as usize * AREA, ty, offset / SECTOR_SIZE);
         self.unpublished = true;
-        // `id` is below the queue size, and `state` has one entry per id.
-        if let Some(r) = self.reqs.state.get_mut(id as usize) {
-            r.tag = tag;
-            r.kind = if write { RequestKind::Write } else { RequestKind::Read };
-            r.internal = false;
-            // A free id's buffers are always `Bufs::None` (see `ReqState`):
-            // there is nothing to drop, so skip the drop check. Were it not
-            // so, the old buffers would be leaked, never freed while the
-            // device may use them.
-            std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One(buf)));
-        }
         Ok(())
     }
 
-    /// [`BlkQueue::submit_one`] when a check fails: the checks one by one,
-    /// for the error (`QueueFull` if they all pass).
+    /// The ring refused the chain of the one-buffer request `id`: its buffer
+    /// goes back to the caller.
     #[cold]
     #[inline(never)]
-    fn submit_one_slow(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
+    fn refused_one(&mut self, id: u16, e: virtio_queue_core::Error) -> Rejected<DmaBuf> {
+        let bufs = self.reqs.state.get_mut(id as usize).map(|r| std::mem::take(&mut r.bufs));
+        match bufs {
+            Some(Bufs::One(buf)) => Self::refused(e, buf),
+            // Not reached: the buffer was stored under `id` just before.
+            _ => unreachable!("the buffer of a refused request is in its state"),
+        }
+    }
+
+    /// [`BlkQueue::submit_one`] when a check fails or the queue failed: the
+    /// checks one by one, for the error.
+    #[cold]
+    #[inline(never)]
+    fn submit_one_slow(&mut self, offset: u64, buf: DmaBuf, write: bool) -> Result<(), Rejected<DmaBuf>> {
         let error = match self.check_one(offset, buf.len() as u64, write).and_then(|()| self.take_id()) {
-            // Not reached: a request that passes every check takes the fast path.
+            // Not reached: a request that passes every check on a queue that
+            // has not failed takes the fast path.
             Ok(_) => BlkError::QueueFull,
             Err(e) => e,
         };
-        let _ = tag;
         Err(Rejected { error, bufs: buf })
     }
 
