@@ -45,7 +45,8 @@ pub(crate) struct Frame {
     /// One more than the longest data buffer: the chain stays within
     /// `u32::MAX` bytes (§2.7.13.1). 0 while no frame is set, so that
     /// `data.len - 1 < max_data` (wrapping) is the one test of "a frame is
-    /// set, the data is not empty and the chain is not too long".
+    /// set, the data is not empty and the chain is not too long" (the queues
+    /// keep a copy that is also 0 while their fast path is closed).
     pub max_data: u32,
 }
 
@@ -88,13 +89,6 @@ impl Frame {
         self.max_data != 0
     }
 
-    /// Whether `data` may go between the ends (a frame is set, `data` is
-    /// not empty and the chain not longer than 4 GiB), in one comparison.
-    #[inline(always)]
-    pub fn data_fits(&self, data: &Buffer) -> bool {
-        data.len.wrapping_sub(1) < self.max_data
-    }
-
     /// Device address of chain `id`'s header (the addition cannot overflow:
     /// checked by [`Frame::new`] for every id below the queue size).
     #[inline(always)]
@@ -115,7 +109,7 @@ impl Frame {
     }
 
     /// The chain's writable bytes: the status, and the data if the device
-    /// writes it (within `u32::MAX` by `data_fits`).
+    /// writes it (within `u32::MAX` for data shorter than `max_data`).
     #[inline(always)]
     pub fn writable(&self, data: &Buffer, data_writable: bool) -> u32 {
         if data_writable {

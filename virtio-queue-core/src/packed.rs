@@ -69,6 +69,11 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// The driver event suppression flags the device can see.
     driver_event_flags: u16,
     broken: Option<DeviceError>,
+    /// One more than the longest data buffer of a framed chain on the fast
+    /// path: the frame's `max_data` while the queue has a frame, no indirect
+    /// tables of three or more entries and is not broken; else 0, which
+    /// closes the fast path with the same comparison that checks the length.
+    framed_fast: u32,
     /// Where framed chains keep their header and status ([`Frame::NONE`]
     /// until [`set_chain_frame`](PackedQueue::set_chain_frame)).
     frame: Frame,
@@ -118,6 +123,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             driver_event_flags: PackedEventFlags::Enable as u16,
             broken: None,
             frame: Frame::NONE,
+            framed_fast: 0,
         })
     }
 
@@ -205,6 +211,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         self.used_bits = NEVER_USED;
+        self.framed_fast = 0;
         Error::Broken(e)
     }
 
@@ -289,7 +296,14 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// (chains in flight keep the ends they were added with).
     pub fn set_chain_frame(&mut self, frame: ChainFrame) -> Result<(), LayoutError> {
         self.frame = Frame::new(frame, self.size)?;
+        self.open_framed();
         Ok(())
+    }
+
+    /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
+    fn open_framed(&mut self) {
+        let direct = self.indirect.entries() < 3;
+        self.framed_fast = if direct && self.broken.is_none() { self.frame.max_data } else { 0 };
     }
 
     /// Adds the framed chain of the buffer ID [`next_id`](Self::next_id)
@@ -305,11 +319,10 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
         let frame = self.frame;
         let p = self.next_avail;
-        let direct = self.indirect.entries() < 3;
-        // `p + 3 <= size` also means three free positions and so a free ID
-        // (see `add`) once `free_positions >= 3`.
+        // Three free positions also mean a free ID (see `add`); positions
+        // `p .. p + 3` do not cross the end of the ring.
         let fits = (self.free_positions >= 3) & (u32::from(p) + 3 <= u32::from(self.size));
-        if !(frame.data_fits(&data) & direct & fits & self.broken.is_none()) {
+        if !((data.len.wrapping_sub(1) < self.framed_fast) & fits) {
             return self.add_framed_slow(data, data_writable, token);
         }
         let id = self.slots.free_head();
@@ -766,6 +779,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         self.batch_remaining = 0;
         self.driver_event_flags = PackedEventFlags::Enable as u16;
         self.broken = None;
+        self.open_framed();
     }
 }
 

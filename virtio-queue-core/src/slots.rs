@@ -353,6 +353,29 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
         }
     }
 
+    /// [`commit`](Self::commit) of a chain whose head slot already holds
+    /// its `last` and `ring_descs` (set with [`set_run`](Self::set_run)).
+    #[inline(always)]
+    pub fn commit_run(&mut self, head: u16, after: u16, ids: u16, token: T, writable: u32, stamp: u64) {
+        self.free_head = after;
+        self.num_free -= ids;
+        let s = self.slot_mut(head);
+        s.token = Some(token);
+        s.writable = writable;
+        s.stamp = stamp;
+        if self.in_order {
+            self.push_fifo(head);
+        }
+    }
+
+    /// Records that the chain headed by `head` ends at `last` and takes
+    /// `ring_descs` ring descriptors, for [`commit_run`](Self::commit_run).
+    pub fn set_run(&mut self, head: u16, last: u16, ring_descs: u16) {
+        let s = self.slot_mut(head);
+        s.last = last;
+        s.ring_descs = ring_descs;
+    }
+
     #[cold]
     fn push_fifo(&mut self, head: u16) {
         let pos = self.fifo_tail;

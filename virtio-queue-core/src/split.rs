@@ -114,6 +114,11 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     batch: InOrderBatch,
     used_notify: UsedNotify,
     broken: Option<DeviceError>,
+    /// One more than the longest data buffer of a framed chain on the fast
+    /// path: the frame's `max_data` while the queue has a frame, no indirect
+    /// tables of three or more entries and is not broken; else 0, which
+    /// closes the fast path with the same comparison that checks the length.
+    framed_fast: u32,
     /// Where framed chains keep their header and status ([`Frame::NONE`]
     /// until [`set_chain_frame`](SplitQueue::set_chain_frame)).
     frame: Frame,
@@ -171,6 +176,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             used_notify: UsedNotify::Enabled,
             broken: None,
             frame: Frame::NONE,
+            framed_fast: 0,
             frame_epoch: 1,
         })
     }
@@ -255,6 +261,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         self.used_seen = self.last_used;
+        self.framed_fast = 0;
         Error::Broken(e)
     }
 
@@ -372,7 +379,14 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     pub fn set_chain_frame(&mut self, frame: ChainFrame) -> Result<(), LayoutError> {
         self.frame = Frame::new(frame, self.queue_size())?;
         self.frame_epoch = self.frame_epoch.wrapping_add(1);
+        self.open_framed();
         Ok(())
+    }
+
+    /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
+    fn open_framed(&mut self) {
+        let direct = self.indirect.entries() < 3;
+        self.framed_fast = if direct && self.broken.is_none() { self.frame.max_data } else { 0 };
     }
 
     /// Adds the framed chain of the id [`next_id`](Self::next_id) names: that
@@ -387,13 +401,15 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// A direct framed chain takes the three descriptors at the head of the
     /// free list, `head`, `mid` and `last`, like `add` would, writes the
     /// header into `head` (linked to `mid`), the status into `last`, and
-    /// records the current frame epoch in `head`'s slot. When the chain
+    /// records the current frame epoch, `last` and the run's length in
+    /// `head`'s slot. When the chain
     /// completes, its run goes back onto the free list whole (`head` first,
     /// links inside the run untouched), and nothing but an add takes a free
     /// descriptor. So while the epoch has not changed and `head` is free
     /// with that epoch recorded, `head`, `next_free(head)` and
-    /// `next_free(next_free(head))` still hold that frame: a framed chain on
-    /// `head` then writes only `mid`, the data descriptor. Everything that
+    /// `next_free(next_free(head))` still hold that frame, and `head`'s slot
+    /// its `last` and length (only a commit on `head` changes them): a framed
+    /// chain on `head` then writes only `mid`, the data descriptor. Everything that
     /// can write descriptors otherwise changes the epoch (`add`, `reset`,
     /// `set_chain_frame`), and the framed slow path clears the epoch of the
     /// `mid` and `last` it overwrites (a run that could hold one of them after
@@ -407,8 +423,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     #[inline]
     pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
         let frame = self.frame;
-        let direct = self.indirect.entries() < 3;
-        if !(frame.data_fits(&data) & direct & (self.slots.num_free() >= 3) & self.broken.is_none()) {
+        if !((data.len.wrapping_sub(1) < self.framed_fast) & (self.slots.num_free() >= 3)) {
             return self.add_framed_slow(data, data_writable, token);
         }
         let head = self.slots.free_head();
@@ -420,7 +435,15 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         let flags = if data_writable { (DescFlags::NEXT | DescFlags::WRITE).bits() } else { DescFlags::NEXT.bits() };
         // SAFETY: `mid` comes from the free list (index invariant), below size.
         unsafe { write_desc(&self.ring, mid, data.addr, data.len, flags, last) };
-        self.push_avail(head, last, 3, frame.writable(&data, data_writable), token);
+        // `push_avail` without the run's `last` and length, which
+        // `write_frame` recorded in the head's slot.
+        let slot = (self.added as u16 & self.mask) as usize;
+        // SAFETY: `slot < size`, inside the available ring.
+        unsafe { self.avail.write_u16(off::AVAIL_RING + 2 * slot, head) };
+        let stamp = self.added + 1;
+        self.added = stamp;
+        let after = self.slots.next_free(last);
+        self.slots.commit_run(head, after, 3, token, frame.writable(&data, data_writable), stamp);
         Ok(())
     }
 
@@ -438,6 +461,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.slots.set_frame_epoch(mid, 0);
         self.slots.set_frame_epoch(last, 0);
         self.slots.set_frame_epoch(head, self.frame_epoch);
+        self.slots.set_run(head, last, 3);
     }
 
     /// [`add_framed`](Self::add_framed) through `add`: no frame, a refused
@@ -659,6 +683,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.broken = None;
         // The table was zeroed (the slots' epochs were cleared too).
         self.frame_epoch = self.frame_epoch.wrapping_add(1);
+        self.open_framed();
     }
 }
 
