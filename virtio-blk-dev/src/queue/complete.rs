@@ -180,8 +180,8 @@ impl<T: Transport> BlkQueue<T> {
                             n += 1;
                         }
                         Ok(None) => break,
-                        Err(e) => {
-                            n += self.poll_each_broken(e, &mut f);
+                        Err(_) => {
+                            n += self.poll_each_broken(&mut f);
                             break;
                         }
                     }
@@ -210,10 +210,18 @@ impl<T: Transport> BlkQueue<T> {
     }
 
     /// The device broke the ring during [`BlkQueue::poll_each`]: every
-    /// request in flight completes with the error.
+    /// request in flight completes with the error. The error is the one the
+    /// core queue keeps (`pop_used` fails only on a broken ring), read here
+    /// rather than carried out of the drain loop, whose hot path then never
+    /// holds it.
     #[cold]
     #[inline(never)]
-    fn poll_each_broken<F: FnMut(Completion)>(&mut self, e: virtio_queue_core::Error, f: &mut F) -> usize {
+    fn poll_each_broken<F: FnMut(Completion)>(&mut self, f: &mut F) -> usize {
+        let e = match self.vq.broken() {
+            Some(e) => virtio_queue_core::Error::Broken(e),
+            // Not reached (see above); fail the queue all the same.
+            None => virtio_queue_core::Error::QueueFull,
+        };
         self.fail_all(&BlkError::Queue(e));
         self.poll_each_slow(f)
     }

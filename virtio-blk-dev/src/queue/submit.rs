@@ -52,9 +52,10 @@ impl<T: Transport> BlkQueue<T> {
     /// ([`super::validate::FastLimits::one_ok`], which also refuses everything
     /// once the queue failed), then one dispatch on the ring format for both
     /// the id and the framed chain (header and status in the request's area,
-    /// see `BlkQueue::new`). The buffer moves once, into the request's state,
-    /// before the chain is added (the device sees nothing until then); if
-    /// the ring refuses the chain it comes back out.
+    /// see `BlkQueue::new`). The header and the request's state (the buffer
+    /// moves once, into it) are written before the chain is added: the
+    /// device sees nothing until `publish`, and few values stay live across
+    /// the add. If the ring refuses the chain the buffer comes back out.
     #[inline(always)]
     fn submit_one(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
         let len = buf.len() as u64;
@@ -68,6 +69,8 @@ impl<T: Transport> BlkQueue<T> {
                 let Some(id) = $q.next_id() else {
                     return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
                 };
+                // Rewritten by the next request on `id` if the chain is refused.
+                write_header(&self.areas, id as usize * AREA, if write { T_OUT } else { T_IN }, offset / SECTOR_SIZE);
                 // `id` is below the queue size, and `state` has one entry per id.
                 let Some(r) = self.reqs.state.get_mut(id as usize) else {
                     return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
@@ -83,15 +86,12 @@ impl<T: Transport> BlkQueue<T> {
                 if let Err(e) = $q.add_framed(data, !write, id) {
                     return Err(self.refused_one(id, e.error));
                 }
-                id
             }};
         }
-        let id = match &mut self.vq {
+        match &mut self.vq {
             Virtqueue::Split(q) => on_ring!(q),
             Virtqueue::Packed(q) => on_ring!(q),
         };
-        let ty = if write { T_OUT } else { T_IN };
-        write_header(&self.areas, id as usize * AREA, ty, offset / SECTOR_SIZE);
         self.unpublished = true;
         Ok(())
     }
