@@ -74,6 +74,9 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// tables of three or more entries and is not broken; else 0, which
     /// closes the fast path with the same comparison that checks the length.
     framed_fast: u32,
+    /// Ring positions at which a framed chain fits before the end of the
+    /// ring: `size - 2` (none below a size of 3).
+    framed_end: u16,
     /// Where framed chains keep their header and status ([`Frame::NONE`]
     /// until [`set_chain_frame`](PackedQueue::set_chain_frame)).
     frame: Frame,
@@ -124,6 +127,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             broken: None,
             frame: Frame::NONE,
             framed_fast: 0,
+            framed_end: config.queue_size.saturating_sub(2),
         })
     }
 
@@ -321,8 +325,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         let p = self.next_avail;
         // Three free positions also mean a free ID (see `add`); positions
         // `p .. p + 3` do not cross the end of the ring.
-        let fits = (self.free_positions >= 3) & (u32::from(p) + 3 <= u32::from(self.size));
-        if !((data.len.wrapping_sub(1) < self.framed_fast) & fits) {
+        if !((data.len.wrapping_sub(1) < self.framed_fast) & (self.free_positions >= 3) & (p < self.framed_end)) {
             return self.add_framed_slow(data, data_writable, token);
         }
         let id = self.slots.free_head();
@@ -385,8 +388,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// release). Then the chain's ID and positions are taken.
     #[inline(always)]
     fn finish_add(&mut self, id: u16, head: u16, head_flags: u16, positions: u16, writable: u32, token: T) {
-        let seq = self.next_seq;
-        if seq == self.published_seq {
+        if self.next_seq == self.published_seq {
             self.batch_head = head;
             self.batch_head_flags = head_flags;
         } else {
@@ -399,9 +401,17 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
                 )
             };
         }
+        self.take_chain(id, positions, writable, token);
+    }
+
+    /// Takes buffer `id` and `positions` ring positions for a chain whose
+    /// descriptors are written (the head's flags stored, or kept for
+    /// `publish`).
+    #[inline(always)]
+    fn take_chain(&mut self, id: u16, positions: u16, writable: u32, token: T) {
         self.free_positions -= positions;
         // The chain is published once `published_seq` reaches its stamp.
-        let stamp = seq + 1;
+        let stamp = self.next_seq + 1;
         self.next_seq = stamp;
         let after = self.slots.next_free(id);
         self.slots.commit(id, id, after, positions, token, writable, stamp);
@@ -605,6 +615,20 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             }
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// Takes every chain the device has used so far, in ring order, hands
+    /// each to `f`, and returns how many: `pop_used` until it returns `None`,
+    /// with the same checks. On a device error the chains before the bad
+    /// descriptor have gone to `f`, and the queue is broken.
+    #[inline]
+    pub fn drain_used(&mut self, mut f: impl FnMut(Used<T>)) -> Result<usize, Error> {
+        let mut n = 0;
+        while let Some(used) = self.pop_used()? {
+            f(used);
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// IN_ORDER: one used descriptor may stand for a batch; it carries the ID

@@ -560,6 +560,40 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         }
     }
 
+    /// Takes every chain the device has used so far, in used-ring order,
+    /// hands each to `f`, and returns how many: `pop_used` until it returns
+    /// `None`, with the same checks, but the entries below one `used.idx`
+    /// value are taken in a loop of their own. On a device error the chains
+    /// before the bad entry have gone to `f`, and the queue is broken.
+    #[inline]
+    pub fn drain_used(&mut self, mut f: impl FnMut(Used<T>)) -> Result<usize, Error> {
+        let mut n = 0;
+        loop {
+            let seen = self.used_seen;
+            let mut last_used = self.last_used;
+            while last_used != seen {
+                let (id, len) = self.used_elem(last_used);
+                let done = match self.slots.complete(id, len, self.published) {
+                    Ok(done) => done,
+                    Err(e) => return Err(self.fail(e)),
+                };
+                last_used = last_used.wrapping_add(1);
+                // Before `f`, which may unwind: the slot is free already.
+                self.last_used = last_used;
+                f(Used { token: done.token, len });
+                n += 1;
+            }
+            // Reads `used.idx` again (or takes an IN_ORDER batch).
+            match self.pop_used()? {
+                Some(used) => {
+                    f(used);
+                    n += 1;
+                }
+                None => return Ok(n),
+            }
+        }
+    }
+
     /// IN_ORDER: the device may answer a batch of chains with one used element
     /// carrying the id of the batch's last chain and move `used.idx` by the
     /// batch size (§2.7.8 with VIRTIO_F_IN_ORDER); that element sits at the

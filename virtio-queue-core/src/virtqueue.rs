@@ -149,6 +149,16 @@ impl<'a, T, S: SlotStorage<T>> Virtqueue<'a, T, S> {
         }
     }
 
+    /// Takes every chain the device has used so far, handing each to `f`
+    /// ([`SplitQueue::drain_used`], [`PackedQueue::drain_used`]).
+    #[inline(always)]
+    pub fn drain_used(&mut self, f: impl FnMut(Used<T>)) -> Result<usize, Error> {
+        match self {
+            Virtqueue::Split(q) => q.drain_used(f),
+            Virtqueue::Packed(q) => q.drain_used(f),
+        }
+    }
+
     /// Adds the framed chain of the id [`next_id`](Self::next_id) names
     /// ([`SplitQueue::add_framed`], [`PackedQueue::add_framed`]).
     #[inline(always)]

@@ -396,6 +396,7 @@ const FRAME: ChainFrame = ChainFrame { iova: 0x90_0000, stride: 64, header_len: 
 /// whole chain only once it is published and that the rewrite happens only
 /// after the device is done with the previous chain. On the packed ring of
 /// three every chain fills the whole ring, one lap each (wrap counter 1, 0, 1).
+/// The driver takes each completion with `drain_used`.
 fn framed_reuse(format: RingFormat, queue_size: u16) {
     const DATA: [(Buffer, bool); 3] =
         [(Buffer::new(0xa0_0000, 512), true), (Buffer::new(0xb0_0000, 4096), false), (Buffer::new(0xc0_0000, 8), true)];
@@ -424,7 +425,16 @@ fn framed_reuse(format: RingFormat, queue_size: u16) {
                 panic!("adding framed chain {token} failed");
             }
             q.publish().unwrap();
-            assert_eq!(spin_pop_used(&mut q), Used { token: token as u32, len: 1 });
+            // Waits with `drain_used`: loom also checks it reads the used
+            // chain only after the device published it.
+            let mut got = Vec::new();
+            while got.is_empty() {
+                q.drain_used(|u| got.push(u)).unwrap();
+                if got.is_empty() {
+                    thread::yield_now();
+                }
+            }
+            assert_eq!(got, [Used { token: token as u32, len: 1 }]);
         }
         dev.join().unwrap();
     });

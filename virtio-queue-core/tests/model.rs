@@ -49,6 +49,8 @@ enum Op {
     DeviceEnableKicks,
     DeviceDisableKicks,
     DriverPop,
+    /// `drain_used`: every visible completion at once.
+    DriverDrain,
     EnableNotify,
     EnableNotifyDelayed,
     DisableNotify,
@@ -69,6 +71,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::DeviceEnableKicks),
         1 => Just(Op::DeviceDisableKicks),
         5 => Just(Op::DriverPop),
+        2 => Just(Op::DriverDrain),
         1 => Just(Op::EnableNotify),
         1 => Just(Op::EnableNotifyDelayed),
         1 => Just(Op::DisableNotify),
@@ -357,6 +360,20 @@ fn run(cfg: Config, ops: &[Op]) {
                     }
                 }
             }
+            Op::DriverDrain => {
+                let mut got = Vec::new();
+                let n = q.drain_used(|u| got.push((u.token, u.len))).unwrap();
+                assert_eq!(n, got.len());
+                let want: Vec<(u32, u32)> = visible.drain(..).collect();
+                assert_eq!(got, want, "drain_used hands out every visible completion, in order");
+                if !got.is_empty() {
+                    driver_waiting = false;
+                }
+                for (token, _) in got {
+                    in_flight -= 1;
+                    used_ring_descs -= ring_descs.remove(&token).expect("completed chain was submitted");
+                }
+            }
             Op::EnableNotify => {
                 let ready = q.enable_used_notifications().unwrap();
                 assert_eq!(ready, !visible.is_empty(), "enable_used_notifications re-check");
@@ -424,6 +441,8 @@ fn every_feature_combination() {
                 Op::DriverPop,
                 Op::EnableNotify,
                 Op::DriverPop,
+                Op::DevicePublish,
+                Op::DriverDrain,
             ]
         })
         .collect();
