@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use virtio_queue_core::{DriverQueue, SharedMemory, UsedDelay, Virtqueue};
+use virtio_queue_core::{DriverQueue, SharedMemory, Used, UsedDelay, Virtqueue};
 use virtio_transport_api::{Cause, Error, Step, Transport, Wait};
 
 use super::{BlkQueue, Completion, ReqState, RequestKind, Requests, AREA, A_ID, A_STATUS, S_PRESET};
@@ -167,32 +167,19 @@ impl<T: Transport> BlkQueue<T> {
         if self.unpublished | !self.ready.is_empty() {
             n += self.poll_each_slow(&mut f);
         }
-        // One loop per ring format, each with its own inlined copy of `f`:
-        // the format is dispatched once per call, and the popped chain goes
-        // straight from the ring to `f` without a merge point between the
-        // formats (where it would go through the stack).
-        macro_rules! drain {
-            ($q:ident) => {
-                loop {
-                    match $q.pop_used() {
-                        Ok(Some(used)) => {
-                            self.reqs.complete(&self.areas, used.token, &mut f);
-                            n += 1;
-                        }
-                        Ok(None) => break,
-                        Err(_) => {
-                            n += self.poll_each_broken(&mut f);
-                            break;
-                        }
-                    }
-                }
-            };
+        // One drain per ring format, each with its own inlined copy of `f`:
+        // the format is dispatched once per call, and each used chain goes
+        // straight from the ring to `f`.
+        let (reqs, areas) = (&mut self.reqs, &self.areas);
+        let drained = match &mut self.vq {
+            Virtqueue::Split(q) => q.drain_used(|used: Used<u16>| reqs.complete(areas, used.token, &mut f)),
+            Virtqueue::Packed(q) => q.drain_used(|used: Used<u16>| reqs.complete(areas, used.token, &mut f)),
+        };
+        match drained {
+            Ok(k) => n + k,
+            // The chains before the bad one went to `f`.
+            Err(_) => n + self.poll_each_broken(&mut f),
         }
-        match &mut self.vq {
-            Virtqueue::Split(q) => drain!(q),
-            Virtqueue::Packed(q) => drain!(q),
-        }
-        n
     }
 
     /// The completions set aside, after publishing, for [`BlkQueue::poll_each`].
