@@ -35,12 +35,14 @@ pub struct Slot<T> {
     fifo: u16,
     /// Total length of the chain's device-writable buffers.
     writable: u32,
+    /// Split queues: the queue's frame epoch when this descriptor was made
+    /// the head of a framed chain (see `SplitQueue::add_framed`); 0 never.
+    /// 32 bits, beside `writable`, so that a slot of a `u32` token stays 32
+    /// bytes.
+    frame_epoch: u32,
     /// The queue's publication counter once this chain is published (see
     /// [`SlotTable::complete`]), to tell published chains from pending ones.
     stamp: u64,
-    /// Split queues: the queue's frame epoch when this descriptor was made
-    /// the head of a framed chain (see `SplitQueue::add_framed`); 0 never.
-    frame_epoch: u64,
 }
 
 impl<T> Slot<T> {
@@ -309,14 +311,21 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
 
     /// The frame epoch recorded for entry `i` (below the queue size).
     #[inline(always)]
-    pub fn frame_epoch(&self, i: u16) -> u64 {
+    pub fn frame_epoch(&self, i: u16) -> u32 {
         self.slot(i).frame_epoch
     }
 
     /// Records `epoch` as entry `i`'s frame epoch (`i` below the queue size).
     #[inline(always)]
-    pub fn set_frame_epoch(&mut self, i: u16, epoch: u64) {
+    pub fn set_frame_epoch(&mut self, i: u16, epoch: u32) {
         self.slot_mut(i).frame_epoch = epoch;
+    }
+
+    /// Clears every slot's frame epoch.
+    pub fn clear_frame_epochs(&mut self) {
+        for slot in self.storage.slots_mut().iter_mut() {
+            slot.frame_epoch = 0;
+        }
     }
 
     /// Free-list entries a chain of `ring_descs` descriptors takes: one per

@@ -122,11 +122,19 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// Where framed chains keep their header and status ([`Frame::NONE`]
     /// until [`set_chain_frame`](SplitQueue::set_chain_frame)).
     frame: Frame,
-    /// Changes whenever descriptors may have been written other than by
-    /// [`add_framed`](SplitQueue::add_framed) (every `add`, `reset` and
-    /// frame change); see the frame invariant there.
-    frame_epoch: u64,
+    /// `added` minus this is the frame epoch (see `frame_epoch`), which
+    /// changes whenever descriptors may have been written other than by
+    /// [`add_framed`](SplitQueue::add_framed): every successful `add` moves
+    /// `added` and so the epoch, at no cost of its own; a framed chain moves
+    /// both; `reset` and frame changes move this.
+    frame_offset: u64,
 }
+
+/// Where `publish` starts the frame epoch over (at 1, with every slot's
+/// epoch cleared), so that it never wraps: between two publishes it moves at
+/// most once per descriptor (a chain added holds its descriptors until it is
+/// published and used), plus once per frame change, which checks too.
+const FRAME_EPOCH_RESTART: u32 = 1 << 31;
 
 /// What `check_and_write` wrote: a chain in the head's indirect table, or
 /// in `descs` free descriptors `head ..= last`; and its writable bytes.
@@ -177,7 +185,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             broken: None,
             frame: Frame::NONE,
             framed_fast: 0,
-            frame_epoch: 1,
+            // Epoch 1 (`added` is 0).
+            frame_offset: u64::MAX,
         })
     }
 
@@ -272,9 +281,9 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// On error nothing changed and the token comes back in the [`AddError`].
     #[inline]
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
-        // The chain may overwrite descriptors of framed chains (see `add_framed`).
-        self.frame_epoch = self.frame_epoch.wrapping_add(1);
         match self.check_and_write(readable, writable) {
+            // The chain may have overwritten descriptors of framed chains:
+            // `push_avail` moves `added`, and with it the frame epoch.
             Ok(Written::Indirect { head, writable }) => {
                 self.push_avail(head, head, 1, writable, token);
                 Ok(())
@@ -378,9 +387,28 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// (chains in flight keep the ends they were added with).
     pub fn set_chain_frame(&mut self, frame: ChainFrame) -> Result<(), LayoutError> {
         self.frame = Frame::new(frame, self.queue_size())?;
-        self.frame_epoch = self.frame_epoch.wrapping_add(1);
+        self.frame_offset = self.frame_offset.wrapping_sub(1);
+        if self.frame_epoch() >= FRAME_EPOCH_RESTART {
+            self.restart_frame_epoch();
+        }
         self.open_framed();
         Ok(())
+    }
+
+    /// The frame epoch: `added - frame_offset`, kept between 1 and
+    /// [`FRAME_EPOCH_RESTART`] by `publish` and `set_chain_frame`.
+    #[inline(always)]
+    fn frame_epoch(&self) -> u32 {
+        self.added.wrapping_sub(self.frame_offset) as u32
+    }
+
+    /// Starts the frame epoch over at 1 with every slot's epoch cleared: no
+    /// framed chain's descriptors count as written any more.
+    #[cold]
+    #[inline(never)]
+    fn restart_frame_epoch(&mut self) {
+        self.slots.clear_frame_epochs();
+        self.frame_offset = self.added.wrapping_sub(1);
     }
 
     /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
@@ -429,7 +457,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         let head = self.slots.free_head();
         let mid = self.slots.next_free(head);
         let last = self.slots.next_free(mid);
-        if self.slots.frame_epoch(head) != self.frame_epoch {
+        let epoch = self.frame_epoch();
+        if self.slots.frame_epoch(head) != epoch {
             self.write_frame(head, mid, last);
         }
         let flags = if data_writable { (DescFlags::NEXT | DescFlags::WRITE).bits() } else { DescFlags::NEXT.bits() };
@@ -442,6 +471,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         unsafe { self.avail.write_u16(off::AVAIL_RING + 2 * slot, head) };
         let stamp = self.added + 1;
         self.added = stamp;
+        // A framed chain leaves the frame epoch as it was.
+        self.frame_offset = self.frame_offset.wrapping_add(1);
         let after = self.slots.next_free(last);
         self.slots.commit_run(head, after, 3, token, frame.writable(&data, data_writable), stamp);
         Ok(())
@@ -460,7 +491,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         }
         self.slots.set_frame_epoch(mid, 0);
         self.slots.set_frame_epoch(last, 0);
-        self.slots.set_frame_epoch(head, self.frame_epoch);
+        self.slots.set_frame_epoch(head, self.frame_epoch());
         self.slots.set_run(head, last, 3);
     }
 
@@ -500,6 +531,9 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         // SAFETY: the avail header is inside the checked layout.
         unsafe { self.ring.store_u16(self.layout.driver_offset() + off::AVAIL_IDX, new, Ordering::Release) };
         self.published = self.added;
+        if self.frame_epoch() >= FRAME_EPOCH_RESTART {
+            self.restart_frame_epoch();
+        }
         fence_store_before_load();
         if self.event_idx {
             // SAFETY: `avail_event` is inside the used area of the checked layout.
@@ -715,8 +749,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.batch = InOrderBatch::default();
         self.used_notify = UsedNotify::Enabled;
         self.broken = None;
-        // The table was zeroed (the slots' epochs were cleared too).
-        self.frame_epoch = self.frame_epoch.wrapping_add(1);
+        // The table was zeroed, and the slots' epochs were cleared: epoch 1.
+        self.frame_offset = u64::MAX;
         self.open_framed();
     }
 }
@@ -749,4 +783,40 @@ unsafe fn write_desc_at(mem: &SharedMemory<'_>, at: usize, addr: u64, len: u32, 
 unsafe fn write_desc(mem: &SharedMemory<'_>, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
     // SAFETY: forwarded contract: descriptor `id` lies inside the table.
     unsafe { write_desc_at(mem, id as usize * off::DESC_SIZE, addr, len, flags, next) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::SharedLine;
+
+    /// The frame epoch never wraps: `publish` starts it over once it passes
+    /// `FRAME_EPOCH_RESTART`, clearing every slot's epoch, so a slot marked
+    /// long ago can never match again.
+    #[test]
+    fn frame_epoch_restarts_before_it_wraps() {
+        let layout = RingLayout::new(RingFormat::Split, 8).unwrap();
+        let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
+        let ring = SharedMemory::new(&lines);
+        let mut slots: Vec<Slot<u32>> = (0..8).map(|_| Slot::new()).collect();
+        let config =
+            QueueConfig { queue_size: 8, ring, ring_iova: 0x1000, features: RingFeatures::empty(), indirect: None };
+        let mut q = SplitQueue::new(config, slots.as_mut_slice()).unwrap();
+        let frame = ChainFrame { iova: 0x10_0000, stride: 64, header_len: 16, status_offset: 32, status_len: 1 };
+        q.set_chain_frame(frame).unwrap();
+        let head = q.next_id().unwrap();
+        q.add_framed(Buffer::new(0x20_0000, 512), true, 1).unwrap();
+        let epoch = q.frame_epoch();
+        assert_eq!(q.slots.frame_epoch(head), epoch, "the framed chain's head is marked");
+        // As if 2^31 plain adds had happened since.
+        q.frame_offset = q.added.wrapping_sub(u64::from(FRAME_EPOCH_RESTART));
+        assert_eq!(q.frame_epoch(), FRAME_EPOCH_RESTART);
+        q.publish().unwrap();
+        assert_eq!(q.frame_epoch(), 1);
+        assert_eq!(q.slots.frame_epoch(head), 0, "every mark is cleared");
+        // A frame change near the limit restarts too.
+        q.frame_offset = q.added.wrapping_sub(u64::from(FRAME_EPOCH_RESTART) - 1);
+        q.set_chain_frame(frame).unwrap();
+        assert_eq!(q.frame_epoch(), 1);
+    }
 }
