@@ -388,7 +388,8 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// release). Then the chain's ID and positions are taken.
     #[inline(always)]
     fn finish_add(&mut self, id: u16, head: u16, head_flags: u16, positions: u16, writable: u32, token: T) {
-        if self.next_seq == self.published_seq {
+        let seq = self.next_seq;
+        if seq == self.published_seq {
             self.batch_head = head;
             self.batch_head_flags = head_flags;
         } else {
@@ -401,17 +402,9 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
                 )
             };
         }
-        self.take_chain(id, positions, writable, token);
-    }
-
-    /// Takes buffer `id` and `positions` ring positions for a chain whose
-    /// descriptors are written (the head's flags stored, or kept for
-    /// `publish`).
-    #[inline(always)]
-    fn take_chain(&mut self, id: u16, positions: u16, writable: u32, token: T) {
         self.free_positions -= positions;
         // The chain is published once `published_seq` reaches its stamp.
-        let stamp = self.next_seq + 1;
+        let stamp = seq + 1;
         self.next_seq = stamp;
         let after = self.slots.next_free(id);
         self.slots.commit(id, id, after, positions, token, writable, stamp);
