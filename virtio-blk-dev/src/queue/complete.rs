@@ -29,19 +29,21 @@ fn status_error(status: u8) -> BlkError {
 
 impl Requests {
     /// Request `id`, which the ring just handed back (the id is free again),
-    /// to `f`. On the hot path (status OK, not a GET_ID) the completion is
-    /// built straight into its consumer, with a constant `result` and `id`;
-    /// the other cases go through [`complete_slow`], out of line.
+    /// to `f`. On the hot path (status OK, not a GET_ID: one comparison of
+    /// the status word) the completion is built straight into its consumer,
+    /// with a constant `result` and `id`; the other cases go through
+    /// [`complete_slow`], out of line, which goes by the request's kind.
     #[inline(always)]
     fn complete<F: FnMut(Completion)>(&mut self, areas: &SharedMemory<'_>, id: u16, f: &mut F) {
         let area = id as usize * AREA;
+        // The status byte and, above it, the slow-path mark (see `W_SLOW`).
         // Unreadable (not reached: one area per id): not written.
-        let status = areas.read_le_u64(area + A_STATUS).map_or(S_PRESET, |w| w as u8);
+        let word = areas.read_le_u64(area + A_STATUS).unwrap_or(u64::from(S_PRESET));
         let Some(r) = self.state.get_mut(id as usize) else {
-            return complete_slow(areas, ReqState::default(), status, area, f);
+            return complete_slow(areas, ReqState::default(), word as u8, area, f);
         };
-        if (status != S_OK) | (r.kind == RequestKind::GetId) {
-            return complete_slow(areas, std::mem::take(r), status, area, f);
+        if word != u64::from(S_OK) {
+            return complete_slow(areas, std::mem::take(r), word as u8, area, f);
         }
         let bufs = std::mem::take(&mut r.bufs);
         f(Completion { tag: r.tag, kind: r.kind, result: Ok(()), bufs, id: None, internal: r.internal })

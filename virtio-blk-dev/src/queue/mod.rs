@@ -35,6 +35,14 @@ pub(crate) use validate::Limits;
 /// Preset into every status byte before submission: no device returns it.
 const S_PRESET: u8 = 0xff;
 
+/// Set in the status word, above the status byte (all the device writes),
+/// of a request whose completion always takes the slow path (GET_ID, which
+/// reads the ID): the hot path then tests the whole word against 0 (status
+/// OK, no mark) in one comparison. A device that writes the rest of the word
+/// only sends a request down the slow path, which goes by the status byte
+/// and the request's own kind.
+const W_SLOW: u64 = 1 << 8;
+
 /// Per-request area in device-visible memory, one per request id, at
 /// `id * AREA` in `BlkQueue::areas`: header, discard/write-zeroes segment,
 /// status byte, ID buffer. The status byte is the low byte of its own

@@ -9,7 +9,7 @@
 use virtio_queue_core::{Buffer, DriverQueue, SharedMemory, Virtqueue};
 use virtio_transport_api::{Notifier, Transport};
 
-use super::{BlkQueue, Bufs, Rejected, RequestKind, AREA, A_HDR, A_ID, A_SEG, A_STATUS, S_PRESET};
+use super::{BlkQueue, Bufs, Rejected, RequestKind, AREA, A_HDR, A_ID, A_SEG, A_STATUS, S_PRESET, W_SLOW};
 use crate::buf::DmaBuf;
 use crate::config::BlkFeatures;
 use crate::error::{BlkError, Result};
@@ -44,7 +44,8 @@ fn write_header(areas: &SharedMemory<'_>, area: usize, ty: u32, sector: u64) {
     }
     areas.write_le_u64(area + A_HDR, u64::from(ty));
     areas.write_le_u64(area + A_HDR + 8, sector);
-    areas.write_le_u64(area + A_STATUS, u64::from(S_PRESET));
+    let slow = if ty == T_GET_ID { W_SLOW } else { 0 };
+    areas.write_le_u64(area + A_STATUS, u64::from(S_PRESET) | slow);
 }
 
 impl<T: Transport> BlkQueue<T> {
