@@ -9,15 +9,22 @@ use std::collections::BTreeMap;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue_core::device::AvailChain;
+use virtio_queue_core::Buffer;
 use virtio_queue_core::{DeviceError, DriverQueue, Error};
-use vq_fuzz::{expected_add, with_queue, AddSpec, Dev, Parts};
+use vq_fuzz::{expected_add, with_queue, AddSpec, Dev, FramedSpec, Parts};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
     Add(AddSpec),
+    /// `add_framed`: on a split ring it leaves the header and status
+    /// descriptors in the table for the next chain of the same id, which
+    /// `Scribble` may change.
+    AddFramed(FramedSpec),
     Publish,
     Pop,
     PopAll,
+    /// `drain_used`.
+    Drain,
     Enable,
     EnableDelayed,
     Disable,
@@ -129,10 +136,25 @@ fn check_counts(p: &Parts<'_>, m: &Model) {
 
 fn add(p: &mut Parts<'_>, m: &mut Model, spec: &AddSpec) {
     let (r, w) = spec.buffers();
+    add_chain(p, m, &r, &w, None);
+}
+
+/// `add_framed` on the id `next_id` names (any id when none is free).
+fn add_framed(p: &mut Parts<'_>, m: &mut Model, spec: &FramedSpec) {
+    let (data, r, w) = spec.buffers(p.q.next_id().unwrap_or(0));
+    add_chain(p, m, &r, &w, Some((data, spec.writable)));
+}
+
+/// Adds `r` then `w` with `add`, or (`framed`) the same chain with
+/// `add_framed`.
+fn add_chain(p: &mut Parts<'_>, m: &mut Model, r: &[Buffer], w: &[Buffer], framed: Option<(Buffer, bool)>) {
     let token = m.next_token;
     m.next_token = m.next_token.wrapping_add(1);
-    let expected = expected_add(&p.cfg, &r, &w, u32::from(p.cfg.size) - m.units(), m.outstanding.len() as u32);
-    let res = p.q.add(&r, &w, token);
+    let expected = expected_add(&p.cfg, r, w, u32::from(p.cfg.size) - m.units(), m.outstanding.len() as u32);
+    let res = match framed {
+        Some((data, writable)) => p.q.add_framed(data, writable, token),
+        None => p.q.add(r, w, token),
+    };
     match (m.broken, expected, res) {
         (Some(e), _, res) => {
             let ae = res.expect_err("add succeeded on a broken queue");
@@ -152,6 +174,37 @@ fn add(p: &mut Parts<'_>, m: &mut Model, spec: &AddSpec) {
 }
 
 /// One `pop_used`; returns whether it returned a chain.
+/// Checks a chain the driver handed back against the model.
+fn check_used(p: &Parts<'_>, m: &mut Model, token: u32, len: u32) {
+    let oldest = m.outstanding.keys().next().copied();
+    let info = m
+        .outstanding
+        .remove(&token)
+        .unwrap_or_else(|| panic!("the driver returned token {token} that is not outstanding"));
+    assert!(info.published, "token {token} returned before it was published");
+    assert!(len <= info.writable, "used len {len} above the chain's {} writable bytes", info.writable);
+    if p.cfg.in_order {
+        assert_eq!(Some(token), oldest, "IN_ORDER: not the oldest chain");
+    }
+}
+
+/// One `drain_used`: every chain it hands out is checked, in order; then it
+/// either stops with nothing left or breaks the queue.
+fn drain(p: &mut Parts<'_>, m: &mut Model) {
+    let before = p.q.in_flight();
+    let mut got = Vec::new();
+    let r = p.q.drain_used(|u| got.push(u));
+    check_result(m, "drain_used", &r, true);
+    if let Ok(n) = r {
+        assert_eq!(n, got.len(), "drain_used count");
+    }
+    assert!(got.len() <= usize::from(before), "{} completions with only {before} chains in flight", got.len());
+    for u in &got {
+        check_used(p, m, u.token, u.len);
+    }
+    assert_eq!(usize::from(p.q.in_flight()), usize::from(before) - got.len(), "in_flight must drop by one per Used");
+}
+
 fn pop(p: &mut Parts<'_>, m: &mut Model) -> bool {
     let before = p.q.in_flight();
     let r = p.q.pop_used();
@@ -159,16 +212,7 @@ fn pop(p: &mut Parts<'_>, m: &mut Model) -> bool {
     match r {
         Ok(Some(u)) => {
             assert!(ok);
-            let oldest = m.outstanding.keys().next().copied();
-            let info = m
-                .outstanding
-                .remove(&u.token)
-                .unwrap_or_else(|| panic!("pop_used returned token {} that is not outstanding", u.token));
-            assert!(info.published, "token {} returned before it was published", u.token);
-            assert!(u.len <= info.writable, "used len {} above the chain's {} writable bytes", u.len, info.writable);
-            if p.cfg.in_order {
-                assert_eq!(Some(u.token), oldest, "IN_ORDER: not the oldest chain");
-            }
+            check_used(p, m, u.token, u.len);
             assert_eq!(p.q.in_flight(), before - 1, "in_flight must drop by one per Used");
             true
         }
@@ -213,6 +257,8 @@ fn run(p: &mut Parts<'_>, ops: &[Op]) {
     for op in ops {
         match op {
             Op::Add(spec) => add(p, &mut m, spec),
+            Op::AddFramed(spec) => add_framed(p, &mut m, spec),
+            Op::Drain => drain(p, &mut m),
             Op::Publish => {
                 let r = p.q.publish();
                 if check_result(&mut m, "publish", &r, false) {

@@ -7,12 +7,15 @@ use std::collections::{HashMap, VecDeque};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue_core::device::{AvailChain, DescInfo};
+use virtio_queue_core::Buffer;
 use virtio_queue_core::DriverQueue;
-use vq_fuzz::{expected_add, expected_descs, with_queue, AddSpec, Parts};
+use vq_fuzz::{expected_add, expected_descs, with_queue, AddSpec, FramedSpec, Parts};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
     Add(AddSpec),
+    /// `add_framed`, checked against `add` of the same three buffers.
+    AddFramed(FramedSpec),
     Publish,
     DevPop,
     /// Complete a popped chain: `pick` chooses which (oldest under IN_ORDER),
@@ -26,6 +29,8 @@ enum Op {
     DevPublish,
     DrvPop,
     DrvDrain,
+    /// `drain_used`, checked like a `pop_used` per chain.
+    DrvDrainUsed,
     DrvEnable,
     DrvEnableDelayed,
     DrvDisable,
@@ -100,12 +105,29 @@ fn check_counts(p: &Parts<'_>, m: &Model) {
 
 fn add(p: &mut Parts<'_>, m: &mut Model, spec: &AddSpec) {
     let (r, w) = spec.buffers();
+    add_chain(p, m, &r, &w, None);
+}
+
+/// `add_framed` on the id `next_id` names (any id when none is free: the
+/// add must then fail).
+fn add_framed(p: &mut Parts<'_>, m: &mut Model, spec: &FramedSpec) {
+    let (data, r, w) = spec.buffers(p.q.next_id().unwrap_or(0));
+    add_chain(p, m, &r, &w, Some((data, spec.writable)));
+}
+
+/// Adds `r` then `w` with `add`, or (`framed`) the same chain with
+/// `add_framed`, and checks the result against the model.
+fn add_chain(p: &mut Parts<'_>, m: &mut Model, r: &[Buffer], w: &[Buffer], framed: Option<(Buffer, bool)>) {
+    let (r, w) = (r.to_vec(), w.to_vec());
     let token = m.next_token;
     m.next_token = m.next_token.wrapping_add(1);
     let free = u32::from(p.cfg.size) - m.used_units();
     let expected = expected_add(&p.cfg, &r, &w, free, m.outstanding.len() as u32);
     let before = if expected.is_err() { Some((p.snapshot(), p.q.in_flight(), p.q.free_descriptors())) } else { None };
-    let res = p.q.add(&r, &w, token);
+    let res = match framed {
+        Some((data, writable)) => p.q.add_framed(data, writable, token),
+        None => p.q.add(&r, &w, token),
+    };
     match (expected, res) {
         (Ok((indirect, units)), Ok(())) => {
             let writable = w.iter().map(|b| b.len).sum();
@@ -252,6 +274,26 @@ fn drv_pop(p: &mut Parts<'_>, m: &mut Model) -> bool {
     }
 }
 
+/// `drain_used`: every visible completion, in order, each checked as
+/// `drv_pop` checks one.
+fn drv_drain_used(p: &mut Parts<'_>, m: &mut Model) {
+    let mut got = Vec::new();
+    let n = p.q.drain_used(|u| got.push(u)).unwrap_or_else(|e| panic!("driver reported {e:?} for a correct device"));
+    assert_eq!(n, got.len(), "drain_used count");
+    assert!(
+        m.visible.len() == got.len(),
+        "drain_used returned {} of {} visible completions",
+        got.len(),
+        m.visible.len()
+    );
+    for u in got {
+        let e = m.visible.pop_front().expect("counted above");
+        assert_eq!((u.token, u.len), (e.token, e.len), "completion (token, len)");
+        assert!(m.outstanding.remove(&u.token).is_some(), "token {} returned twice", u.token);
+        m.drv_consumed += e.notify_units;
+    }
+}
+
 fn run(p: &mut Parts<'_>, ops: &[Op]) {
     let mut m = Model {
         next_token: 0,
@@ -272,6 +314,7 @@ fn run(p: &mut Parts<'_>, ops: &[Op]) {
     for op in ops {
         match op {
             Op::Add(spec) => add(p, &mut m, spec),
+            Op::AddFramed(spec) => add_framed(p, &mut m, spec),
             Op::Publish => publish(p, &mut m),
             Op::DevPop => {
                 dev_pop(p, &mut m);
@@ -281,6 +324,7 @@ fn run(p: &mut Parts<'_>, ops: &[Op]) {
             Op::DrvPop => {
                 drv_pop(p, &mut m);
             }
+            Op::DrvDrainUsed => drv_drain_used(p, &mut m),
             Op::DrvDrain => {
                 let mut n = 0;
                 while drv_pop(p, &mut m) {

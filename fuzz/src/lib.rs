@@ -8,8 +8,8 @@ use virtio_queue_core::device::{
     AvailChain, DescInfo, DeviceConfig, MemoryRegion, ModelError, PackedDevice, SplitDevice,
 };
 use virtio_queue_core::{
-    Buffer, DriverQueue, Error, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedLine,
-    SharedMemory, Slot, Virtqueue,
+    Buffer, ChainFrame, DriverQueue, Error, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout,
+    SharedLine, SharedMemory, Slot, Virtqueue,
 };
 
 /// Device address of the ring area.
@@ -18,6 +18,10 @@ pub const RING_IOVA: u64 = 0x1_0000;
 pub const TABLE_IOVA: u64 = 0x100_0000;
 /// Most buffers a generated chain has.
 pub const MAX_BUFS: usize = 6;
+/// The chain frame every queue gets: chain `id`'s 16-byte header at
+/// `FRAME.iova + 64 id`, its 1-byte status 32 bytes further.
+pub const FRAME: ChainFrame =
+    ChainFrame { iova: 0x200_0000, stride: 64, header_len: 16, status_offset: 32, status_len: 1 };
 
 /// A queue configuration.
 #[derive(Clone, Copy, Debug)]
@@ -94,6 +98,28 @@ impl AddSpec {
         let w: Vec<Buffer> =
             self.writable.iter().take(MAX_BUFS - r.len()).map(|b| Buffer::new(b.addr, b.len.get())).collect();
         (r, w)
+    }
+}
+
+/// A framed chain to add (`add_framed`): one data buffer, device-writable or not.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub struct FramedSpec {
+    pub data: BufSpec,
+    pub writable: bool,
+}
+
+impl FramedSpec {
+    /// The data buffer, and the readable and writable buffers of the same
+    /// chain for `add` on chain `id` (header, data, status as [`FRAME`] says).
+    pub fn buffers(&self, id: u16) -> (Buffer, Vec<Buffer>, Vec<Buffer>) {
+        let data = Buffer::new(self.data.addr, self.data.len.get());
+        let header = Buffer::new(FRAME.iova + u64::from(FRAME.stride) * u64::from(id), FRAME.header_len);
+        let status = Buffer::new(header.addr + u64::from(FRAME.status_offset), FRAME.status_len);
+        if self.writable {
+            (data, vec![header], vec![data, status])
+        } else {
+            (data, vec![header, data], vec![status])
+        }
     }
 }
 
@@ -241,11 +267,12 @@ pub fn with_queue<R>(cfg: Cfg, f: impl FnOnce(&mut Parts<'_>) -> R) -> R {
     let indirect = cfg.indirect.map(|e| IndirectTables::new(tables, TABLE_IOVA, e).expect("aligned table address"));
     let regions = [MemoryRegion { addr: TABLE_IOVA, mem: tables }];
     let features = cfg.features();
-    let q = Virtqueue::new(
+    let mut q = Virtqueue::new(
         QueueConfig { queue_size: cfg.size, ring, ring_iova: RING_IOVA, features, indirect },
         slots.as_mut_slice(),
     )
     .expect("valid queue configuration");
+    q.set_chain_frame(FRAME).expect("the frame fits every queue size");
     assert_eq!(q.layout(), layout);
     assert_eq!(q.queue_size(), cfg.size);
     let dcfg = DeviceConfig { layout, ring, features, memory: &regions };

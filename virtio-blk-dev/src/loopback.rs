@@ -5,8 +5,8 @@
 //!
 //! [`RamDisk`] serves every request type of the driver (read, write, flush,
 //! get-id, discard, write-zeroes, secure-erase) and can misbehave on purpose:
-//! a range of bad sectors whose reads end in each kind of bad status byte
-//! ([`RamDisk::bad_sectors`]), and a GET_ID answered with a used id the driver
+//! a range of bad sectors whose reads end in each kind of bad status byte,
+//! or in a stray write beyond a good one ([`RamDisk::bad_sectors`]), and a GET_ID answered with a used id the driver
 //! never gave out ([`RamDisk::hostile_get_id`]). A request that breaks the
 //! virtio-blk protocol (no header, a status buffer that is not the last
 //! one-byte writable buffer, data in the wrong direction) is answered with
@@ -45,7 +45,7 @@ use crate::spec::{
 };
 
 /// Sectors past [`RamDisk::bad_sectors`]' first one that each fault covers.
-pub const BAD_SECTOR_SPAN: u64 = 32;
+pub const BAD_SECTOR_SPAN: u64 = 40;
 
 /// A RAM-backed virtio-blk device for
 /// [`LoopbackTransport`](virtio_transport_api::loopback::LoopbackTransport).
@@ -57,6 +57,8 @@ pub struct RamDisk {
     disk: Vec<u8>,
     serial: [u8; ID_LEN],
     bad_sector: Option<u64>,
+    /// The request being served writes a stray byte after its status byte.
+    stray_status_write: bool,
     hostile_get_id: bool,
     violations: u64,
     served: u64,
@@ -94,6 +96,7 @@ impl RamDisk {
             disk: vec![0u8; usize::try_from(sectors * SECTOR_SIZE).unwrap_or(0)],
             serial,
             bad_sector: None,
+            stray_status_write: false,
             hostile_get_id: false,
             violations: 0,
             served: 0,
@@ -124,10 +127,12 @@ impl RamDisk {
         self
     }
 
-    /// Fault injection: reads that start in `first .. first + 32` fail.
+    /// Fault injection: reads that start in `first .. first + 40` misbehave.
     /// Starting at `first`: status IOERR; at `first + 8`: the status byte is
     /// not written (and 0 bytes are reported used); at `first + 16`: the
-    /// undefined status 7; anywhere else in the span: UNSUPP.
+    /// undefined status 7; at `first + 32`: served, status OK, and a stray
+    /// 0x5a written into the byte after the status byte (outside every
+    /// buffer of the chain); anywhere else in the span: UNSUPP.
     pub fn bad_sectors(mut self, first: u64) -> Self {
         self.bad_sector = Some(first);
         self
@@ -174,12 +179,13 @@ impl RamDisk {
                 }
                 if read {
                     if let Some(first) = self.bad_sector.filter(|f| (*f..f + BAD_SECTOR_SPAN).contains(&sector)) {
-                        return match sector - first {
-                            0 => (Some(S_IOERR), 0),
-                            8 => (None, 0),
-                            16 => (Some(7), 0),
-                            _ => (Some(S_UNSUPP), 0),
-                        };
+                        match sector - first {
+                            0 => return (Some(S_IOERR), 0),
+                            8 => return (None, 0),
+                            16 => return (Some(7), 0),
+                            32 => self.stray_status_write = true,
+                            _ => return (Some(S_UNSUPP), 0),
+                        }
                     }
                 }
                 let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
@@ -287,6 +293,11 @@ impl LoopbackDevice for RamDisk {
         if !mem.write(status.addr, &[st]) {
             self.violations += 1;
             return Served::Used(written);
+        }
+        if std::mem::take(&mut self.stray_status_write) {
+            // Deliberately outside the chain's buffers: not a violation of
+            // the driver's.
+            let _ = mem.write(status.addr + 1, &[0x5a]);
         }
         if ty == T_GET_ID && self.hostile_get_id {
             return Served::UsedAs { id: chain.id.wrapping_add(1000), len: written + 1 };

@@ -98,6 +98,8 @@ pub enum Error {
         /// The most this queue takes in one chain.
         max: usize,
     },
+    /// `add_framed` on a queue without a [`crate::ChainFrame`].
+    NoChainFrame,
     /// The device misbehaved earlier; the queue is unusable until reset.
     Broken(DeviceError),
 }
@@ -112,6 +114,7 @@ impl fmt::Display for Error {
             Error::TooManyBuffers { buffers, max } => {
                 write!(f, "chain of {buffers} buffers, at most {max} allowed")
             }
+            Error::NoChainFrame => write!(f, "framed chain added to a queue without a chain frame"),
             Error::Broken(e) => write!(f, "virtqueue broken: {e}"),
         }
     }

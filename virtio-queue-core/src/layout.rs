@@ -191,6 +191,9 @@ pub enum LayoutError {
     },
     /// The indirect tables do not give every slot a table of at least one entry.
     IndirectTablesTooSmall,
+    /// A [`crate::ChainFrame`] with an empty header or status, ends beyond
+    /// the 64-bit address space, or no room for data within 4 GiB.
+    InvalidChainFrame,
 }
 
 impl core::fmt::Display for LayoutError {
@@ -211,6 +214,7 @@ impl core::fmt::Display for LayoutError {
             LayoutError::IndirectTablesTooSmall => {
                 write!(f, "indirect tables too small for the queue")
             }
+            LayoutError::InvalidChainFrame => write!(f, "chain frame does not fit the queue"),
         }
     }
 }

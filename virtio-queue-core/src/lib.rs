@@ -51,6 +51,7 @@ pub mod layout;
 pub mod shared;
 
 mod error;
+mod frame;
 mod notify;
 mod slots;
 
@@ -62,6 +63,7 @@ pub mod virtqueue;
 pub mod device;
 
 pub use error::{AddError, DeviceError, Error};
+pub use frame::ChainFrame;
 pub use layout::{LayoutError, RingFeatures, RingFormat, RingLayout};
 pub use notify::UsedDelay;
 pub use packed::{OwnedPackedQueue, PackedQueue};

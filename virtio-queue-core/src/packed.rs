@@ -17,6 +17,7 @@
 //! device's used ID is only looked up after a range and in-flight check.
 
 use crate::error::{AddError, DeviceError, Error};
+use crate::frame::{ChainFrame, Frame};
 use crate::layout::{off, DescFlags, LayoutError, PackedEventFlags, RingFeatures, RingFormat, RingLayout};
 use crate::notify::{need_event, packed_event_position, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
@@ -68,6 +69,17 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// The driver event suppression flags the device can see.
     driver_event_flags: u16,
     broken: Option<DeviceError>,
+    /// One more than the longest data buffer of a framed chain on the fast
+    /// path: the frame's `max_data` while the queue has a frame, no indirect
+    /// tables of three or more entries and is not broken; else 0, which
+    /// closes the fast path with the same comparison that checks the length.
+    framed_fast: u32,
+    /// Ring positions at which a framed chain fits before the end of the
+    /// ring: `size - 2` (none below a size of 3).
+    framed_end: u16,
+    /// Where framed chains keep their header and status ([`Frame::NONE`]
+    /// until [`set_chain_frame`](PackedQueue::set_chain_frame)).
+    frame: Frame,
 }
 
 /// The flag bits that say "used" when both equal the used wrap counter.
@@ -113,6 +125,9 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             batch_last_len: 0,
             driver_event_flags: PackedEventFlags::Enable as u16,
             broken: None,
+            frame: Frame::NONE,
+            framed_fast: 0,
+            framed_end: config.queue_size.saturating_sub(2),
         })
     }
 
@@ -200,6 +215,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         self.used_bits = NEVER_USED;
+        self.framed_fast = 0;
         Error::Broken(e)
     }
 
@@ -277,6 +293,92 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         };
         self.finish_add(id, p, head_flags, n as u16, writable_len, token);
         Ok(())
+    }
+
+    /// Sets where framed chains ([`add_framed`](Self::add_framed)) keep their
+    /// header and status. Checked against the queue size; may be called again
+    /// (chains in flight keep the ends they were added with).
+    pub fn set_chain_frame(&mut self, frame: ChainFrame) -> Result<(), LayoutError> {
+        self.frame = Frame::new(frame, self.size)?;
+        self.open_framed();
+        Ok(())
+    }
+
+    /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
+    fn open_framed(&mut self) {
+        let direct = self.indirect.entries() < 3;
+        self.framed_fast = if direct && self.broken.is_none() { self.frame.max_data } else { 0 };
+    }
+
+    /// Adds the framed chain of the buffer ID [`next_id`](Self::next_id)
+    /// names: that id's header (device-readable), `data` (device-writable if
+    /// `data_writable`) and that id's status (device-writable), as set with
+    /// [`set_chain_frame`](Self::set_chain_frame). The same chain as
+    /// [`add`](Self::add) with those three buffers, with the same errors (and
+    /// [`Error::NoChainFrame`] without a frame), but cheaper: the three
+    /// descriptors are written straight into the ring, with no buffer slices
+    /// and no checks of the fixed ends. A chain that would cross the end of
+    /// the ring, or go into an indirect table, goes through `add`.
+    #[inline]
+    pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
+        let frame = self.frame;
+        let p = self.next_avail;
+        // Three free positions also mean a free ID (see `add`); positions
+        // `p .. p + 3` do not cross the end of the ring.
+        if !((data.len.wrapping_sub(1) < self.framed_fast) & (self.free_positions >= 3) & (p < self.framed_end)) {
+            return self.add_framed_slow(data, data_writable, token);
+        }
+        let id = self.slots.free_head();
+        let avail = self.avail_bits;
+        let (h, s) = (frame.header(id), frame.status(id));
+        let data_flags =
+            avail | if data_writable { (DescFlags::NEXT | DescFlags::WRITE).bits() } else { DescFlags::NEXT.bits() };
+        let at = p as usize * off::DESC_SIZE;
+        // SAFETY: positions `p .. p + 3` are below the queue size (checked
+        // above), so all three descriptors are inside the ring. The head's
+        // flags are stored last, by `finish_add` or `publish`.
+        unsafe {
+            self.ring.write_u64(at + off::PACKED_DESC_ADDR, h.addr);
+            self.ring.write_u32(at + off::PACKED_DESC_LEN, h.len);
+            self.ring.write_u16(at + off::PACKED_DESC_ID, id);
+            write_desc_with_flags(&self.ring, at + off::DESC_SIZE, data.addr, data.len, id, data_flags);
+            write_desc_with_flags(
+                &self.ring,
+                at + 2 * off::DESC_SIZE,
+                s.addr,
+                s.len,
+                id,
+                avail | DescFlags::WRITE.bits(),
+            );
+        }
+        let np = p + 3;
+        if np == self.size {
+            self.next_avail = 0;
+            self.avail_bits ^= USED_BITS;
+        } else {
+            self.next_avail = np;
+        }
+        self.finish_add(id, p, avail | DescFlags::NEXT.bits(), 3, frame.writable(&data, data_writable), token);
+        Ok(())
+    }
+
+    /// [`add_framed`](Self::add_framed) through `add`: no frame, a refused
+    /// chain, too few free positions, the end of the ring, or indirect tables.
+    #[cold]
+    #[inline(never)]
+    fn add_framed_slow(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
+        if !self.frame.is_set() {
+            return Err(AddError { error: Error::NoChainFrame, token });
+        }
+        // With no free ID `free_head` names none; `add` then fails before
+        // using the buffers.
+        let id = self.slots.free_head();
+        let (h, s) = (self.frame.header(id), self.frame.status(id));
+        if data_writable {
+            self.add(&[h], &[data, s], token)
+        } else {
+            self.add(&[h, data], &[s], token)
+        }
     }
 
     /// Ends an add whose chain (buffer `id`, `positions` ring positions from
@@ -508,6 +610,20 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         }
     }
 
+    /// Takes every chain the device has used so far, in ring order, hands
+    /// each to `f`, and returns how many: `pop_used` until it returns `None`,
+    /// with the same checks. On a device error the chains before the bad
+    /// descriptor have gone to `f`, and the queue is broken.
+    #[inline]
+    pub fn drain_used(&mut self, mut f: impl FnMut(Used<T>)) -> Result<usize, Error> {
+        let mut n = 0;
+        while let Some(used) = self.pop_used()? {
+            f(used);
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// IN_ORDER: one used descriptor may stand for a batch; it carries the ID
     /// of the batch's last buffer and the device skips forward by the whole
     /// batch's descriptors (§2.8.9 with VIRTIO_F_IN_ORDER).
@@ -680,6 +796,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         self.batch_remaining = 0;
         self.driver_event_flags = PackedEventFlags::Enable as u16;
         self.broken = None;
+        self.open_framed();
     }
 }
 

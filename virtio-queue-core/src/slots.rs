@@ -35,6 +35,11 @@ pub struct Slot<T> {
     fifo: u16,
     /// Total length of the chain's device-writable buffers.
     writable: u32,
+    /// Split queues: the queue's frame epoch when this descriptor was made
+    /// the head of a framed chain (see `SplitQueue::add_framed`); 0 never.
+    /// 32 bits, beside `writable`, so that a slot of a `u32` token stays 32
+    /// bytes.
+    frame_epoch: u32,
     /// The queue's publication counter once this chain is published (see
     /// [`SlotTable::complete`]), to tell published chains from pending ones.
     stamp: u64,
@@ -43,7 +48,7 @@ pub struct Slot<T> {
 impl<T> Slot<T> {
     /// An empty slot.
     pub const fn new() -> Self {
-        Slot { token: None, next_free: 0, last: 0, ring_descs: 0, fifo: 0, writable: 0, stamp: 0 }
+        Slot { token: None, next_free: 0, last: 0, ring_descs: 0, fifo: 0, writable: 0, stamp: 0, frame_epoch: 0 }
     }
 
     /// An array of empty slots, for the owning (`const N`) queue variants.
@@ -304,6 +309,25 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
         self.slot(i).next_free
     }
 
+    /// The frame epoch recorded for entry `i` (below the queue size).
+    #[inline(always)]
+    pub fn frame_epoch(&self, i: u16) -> u32 {
+        self.slot(i).frame_epoch
+    }
+
+    /// Records `epoch` as entry `i`'s frame epoch (`i` below the queue size).
+    #[inline(always)]
+    pub fn set_frame_epoch(&mut self, i: u16, epoch: u32) {
+        self.slot_mut(i).frame_epoch = epoch;
+    }
+
+    /// Clears every slot's frame epoch.
+    pub fn clear_frame_epochs(&mut self) {
+        for slot in self.storage.slots_mut().iter_mut() {
+            slot.frame_epoch = 0;
+        }
+    }
+
     /// Free-list entries a chain of `ring_descs` descriptors takes: one per
     /// descriptor when entries are descriptors (split), else one.
     #[inline(always)]
@@ -336,6 +360,29 @@ impl<T, S: SlotStorage<T>, const IDS_ARE_DESCRIPTORS: bool> SlotTable<T, S, IDS_
         if self.in_order {
             self.push_fifo(head);
         }
+    }
+
+    /// [`commit`](Self::commit) of a chain whose head slot already holds
+    /// its `last` and `ring_descs` (set with [`set_run`](Self::set_run)).
+    #[inline(always)]
+    pub fn commit_run(&mut self, head: u16, after: u16, ids: u16, token: T, writable: u32, stamp: u64) {
+        self.free_head = after;
+        self.num_free -= ids;
+        let s = self.slot_mut(head);
+        s.token = Some(token);
+        s.writable = writable;
+        s.stamp = stamp;
+        if self.in_order {
+            self.push_fifo(head);
+        }
+    }
+
+    /// Records that the chain headed by `head` ends at `last` and takes
+    /// `ring_descs` ring descriptors, for [`commit_run`](Self::commit_run).
+    pub fn set_run(&mut self, head: u16, last: u16, ring_descs: u16) {
+        let s = self.slot_mut(head);
+        s.last = last;
+        s.ring_descs = ring_descs;
     }
 
     #[cold]

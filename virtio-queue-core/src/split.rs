@@ -13,6 +13,7 @@
 //! the driver hand one descriptor to two chains.
 
 use crate::error::{AddError, DeviceError, Error};
+use crate::frame::{ChainFrame, Frame};
 use crate::layout::{off, AvailFlags, DescFlags, LayoutError, RingFeatures, RingFormat, RingLayout, UsedFlags};
 use crate::notify::{need_event, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
@@ -113,7 +114,27 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     batch: InOrderBatch,
     used_notify: UsedNotify,
     broken: Option<DeviceError>,
+    /// One more than the longest data buffer of a framed chain on the fast
+    /// path: the frame's `max_data` while the queue has a frame, no indirect
+    /// tables of three or more entries and is not broken; else 0, which
+    /// closes the fast path with the same comparison that checks the length.
+    framed_fast: u32,
+    /// Where framed chains keep their header and status ([`Frame::NONE`]
+    /// until [`set_chain_frame`](SplitQueue::set_chain_frame)).
+    frame: Frame,
+    /// `added` minus this is the frame epoch (see `frame_epoch`), which
+    /// changes whenever descriptors may have been written other than by
+    /// [`add_framed`](SplitQueue::add_framed): every successful `add` moves
+    /// `added` and so the epoch, at no cost of its own; a framed chain moves
+    /// both; `reset` and frame changes move this.
+    frame_offset: u64,
 }
+
+/// Where `publish` starts the frame epoch over (at 1, with every slot's
+/// epoch cleared), so that it never wraps: between two publishes it moves at
+/// most once per descriptor (a chain added holds its descriptors until it is
+/// published and used), plus once per frame change, which checks too.
+const FRAME_EPOCH_RESTART: u32 = 1 << 31;
 
 /// What `check_and_write` wrote: a chain in the head's indirect table, or
 /// in `descs` free descriptors `head ..= last`; and its writable bytes.
@@ -162,6 +183,10 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             batch: InOrderBatch::default(),
             used_notify: UsedNotify::Enabled,
             broken: None,
+            frame: Frame::NONE,
+            framed_fast: 0,
+            // Epoch 1 (`added` is 0).
+            frame_offset: u64::MAX,
         })
     }
 
@@ -245,6 +270,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         self.used_seen = self.last_used;
+        self.framed_fast = 0;
         Error::Broken(e)
     }
 
@@ -256,6 +282,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     #[inline]
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
         match self.check_and_write(readable, writable) {
+            // The chain may have overwritten descriptors of framed chains:
+            // `push_avail` moves `added`, and with it the frame epoch.
             Ok(Written::Indirect { head, writable }) => {
                 self.push_avail(head, head, 1, writable, token);
                 Ok(())
@@ -354,6 +382,138 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.slots.commit(head, last, after, ring_descs, token, writable, stamp);
     }
 
+    /// Sets where framed chains ([`add_framed`](Self::add_framed)) keep their
+    /// header and status. Checked against the queue size; may be called again
+    /// (chains in flight keep the ends they were added with).
+    pub fn set_chain_frame(&mut self, frame: ChainFrame) -> Result<(), LayoutError> {
+        self.frame = Frame::new(frame, self.queue_size())?;
+        self.frame_offset = self.frame_offset.wrapping_sub(1);
+        if self.frame_epoch() >= FRAME_EPOCH_RESTART {
+            self.restart_frame_epoch();
+        }
+        self.open_framed();
+        Ok(())
+    }
+
+    /// The frame epoch: `added - frame_offset`, kept between 1 and
+    /// [`FRAME_EPOCH_RESTART`] by `publish` and `set_chain_frame`.
+    #[inline(always)]
+    fn frame_epoch(&self) -> u32 {
+        self.added.wrapping_sub(self.frame_offset) as u32
+    }
+
+    /// Starts the frame epoch over at 1 with every slot's epoch cleared: no
+    /// framed chain's descriptors count as written any more.
+    #[cold]
+    #[inline(never)]
+    fn restart_frame_epoch(&mut self) {
+        self.slots.clear_frame_epochs();
+        self.frame_offset = self.added.wrapping_sub(1);
+    }
+
+    /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
+    fn open_framed(&mut self) {
+        let direct = self.indirect.entries() < 3;
+        self.framed_fast = if direct && self.broken.is_none() { self.frame.max_data } else { 0 };
+    }
+
+    /// Adds the framed chain of the id [`next_id`](Self::next_id) names: that
+    /// id's header (device-readable), `data` (device-writable if
+    /// `data_writable`) and that id's status (device-writable), as set with
+    /// [`set_chain_frame`](Self::set_chain_frame). The same chain as
+    /// [`add`](Self::add) with those three buffers, with the same errors
+    /// (and [`Error::NoChainFrame`] without a frame), but cheaper.
+    ///
+    /// # Frame invariant
+    ///
+    /// A direct framed chain takes the three descriptors at the head of the
+    /// free list, `head`, `mid` and `last`, like `add` would, writes the
+    /// header into `head` (linked to `mid`), the status into `last`, and
+    /// records the current frame epoch, `last` and the run's length in
+    /// `head`'s slot. When the chain
+    /// completes, its run goes back onto the free list whole (`head` first,
+    /// links inside the run untouched), and nothing but an add takes a free
+    /// descriptor. So while the epoch has not changed and `head` is free
+    /// with that epoch recorded, `head`, `next_free(head)` and
+    /// `next_free(next_free(head))` still hold that frame, and `head`'s slot
+    /// its `last` and length (only a commit on `head` changes them): a framed
+    /// chain on `head` then writes only `mid`, the data descriptor. Everything that
+    /// can write descriptors otherwise changes the epoch (`add`, `reset`,
+    /// `set_chain_frame`), and the framed slow path clears the epoch of the
+    /// `mid` and `last` it overwrites (a run that could hold one of them after
+    /// its own head is one with `head` or `mid` as its head). A device that
+    /// writes the descriptor table (which it must not do, §2.7.5) can only
+    /// garble its own view of later framed chains, never the driver's state:
+    /// the driver reads nothing back from the table.
+    ///
+    /// With indirect tables that hold three descriptors the chain goes into
+    /// a table through `add`.
+    #[inline]
+    pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
+        let frame = self.frame;
+        if !((data.len.wrapping_sub(1) < self.framed_fast) & (self.slots.num_free() >= 3)) {
+            return self.add_framed_slow(data, data_writable, token);
+        }
+        let head = self.slots.free_head();
+        let mid = self.slots.next_free(head);
+        let last = self.slots.next_free(mid);
+        let epoch = self.frame_epoch();
+        if self.slots.frame_epoch(head) != epoch {
+            self.write_frame(head, mid, last);
+        }
+        let flags = if data_writable { (DescFlags::NEXT | DescFlags::WRITE).bits() } else { DescFlags::NEXT.bits() };
+        // SAFETY: `mid` comes from the free list (index invariant), below size.
+        unsafe { write_desc(&self.ring, mid, data.addr, data.len, flags, last) };
+        // `push_avail` without the run's `last` and length, which
+        // `write_frame` recorded in the head's slot.
+        let slot = (self.added as u16 & self.mask) as usize;
+        // SAFETY: `slot < size`, inside the available ring.
+        unsafe { self.avail.write_u16(off::AVAIL_RING + 2 * slot, head) };
+        let stamp = self.added + 1;
+        self.added = stamp;
+        // A framed chain leaves the frame epoch as it was.
+        self.frame_offset = self.frame_offset.wrapping_add(1);
+        let after = self.slots.next_free(last);
+        self.slots.commit_run(head, after, 3, token, frame.writable(&data, data_writable), stamp);
+        Ok(())
+    }
+
+    /// Writes the fixed ends of a framed chain on `head ..= last` and records
+    /// them (see the frame invariant at [`add_framed`](Self::add_framed)).
+    #[cold]
+    #[inline(never)]
+    fn write_frame(&mut self, head: u16, mid: u16, last: u16) {
+        let (h, s) = (self.frame.header(head), self.frame.status(head));
+        // SAFETY: `head` and `last` come from the free list (index invariant), below size.
+        unsafe {
+            write_desc(&self.ring, head, h.addr, h.len, DescFlags::NEXT.bits(), mid);
+            write_desc(&self.ring, last, s.addr, s.len, DescFlags::WRITE.bits(), 0);
+        }
+        self.slots.set_frame_epoch(mid, 0);
+        self.slots.set_frame_epoch(last, 0);
+        self.slots.set_frame_epoch(head, self.frame_epoch());
+        self.slots.set_run(head, last, 3);
+    }
+
+    /// [`add_framed`](Self::add_framed) through `add`: no frame, a refused
+    /// chain, fewer than three free descriptors, or indirect tables.
+    #[cold]
+    #[inline(never)]
+    fn add_framed_slow(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
+        if !self.frame.is_set() {
+            return Err(AddError { error: Error::NoChainFrame, token });
+        }
+        // With no free descriptor `free_head` names none; `add` then fails
+        // before using the buffers.
+        let id = self.slots.free_head();
+        let (h, s) = (self.frame.header(id), self.frame.status(id));
+        if data_writable {
+            self.add(&[h], &[data, s], token)
+        } else {
+            self.add(&[h, data], &[s], token)
+        }
+    }
+
     /// Makes every chain added since the last call visible to the device with
     /// one release store of `avail.idx`, and says whether the device must be
     /// notified: EVENT_IDX's `avail_event` fell inside the published batch, or
@@ -371,6 +531,9 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         // SAFETY: the avail header is inside the checked layout.
         unsafe { self.ring.store_u16(self.layout.driver_offset() + off::AVAIL_IDX, new, Ordering::Release) };
         self.published = self.added;
+        if self.frame_epoch() >= FRAME_EPOCH_RESTART {
+            self.restart_frame_epoch();
+        }
         fence_store_before_load();
         if self.event_idx {
             // SAFETY: `avail_event` is inside the used area of the checked layout.
@@ -428,6 +591,40 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
                 Ok(Some(Used { token: done.token, len }))
             }
             Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Takes every chain the device has used so far, in used-ring order,
+    /// hands each to `f`, and returns how many: `pop_used` until it returns
+    /// `None`, with the same checks, but the entries below one `used.idx`
+    /// value are taken in a loop of their own. On a device error the chains
+    /// before the bad entry have gone to `f`, and the queue is broken.
+    #[inline]
+    pub fn drain_used(&mut self, mut f: impl FnMut(Used<T>)) -> Result<usize, Error> {
+        let mut n = 0;
+        loop {
+            let seen = self.used_seen;
+            let mut last_used = self.last_used;
+            while last_used != seen {
+                let (id, len) = self.used_elem(last_used);
+                let done = match self.slots.complete(id, len, self.published) {
+                    Ok(done) => done,
+                    Err(e) => return Err(self.fail(e)),
+                };
+                last_used = last_used.wrapping_add(1);
+                // Before `f`, which may unwind: the slot is free already.
+                self.last_used = last_used;
+                f(Used { token: done.token, len });
+                n += 1;
+            }
+            // Reads `used.idx` again (or takes an IN_ORDER batch).
+            match self.pop_used()? {
+                Some(used) => {
+                    f(used);
+                    n += 1;
+                }
+                None => return Ok(n),
+            }
         }
     }
 
@@ -552,6 +749,9 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.batch = InOrderBatch::default();
         self.used_notify = UsedNotify::Enabled;
         self.broken = None;
+        // The table was zeroed, and the slots' epochs were cleared: epoch 1.
+        self.frame_offset = u64::MAX;
+        self.open_framed();
     }
 }
 
@@ -583,4 +783,40 @@ unsafe fn write_desc_at(mem: &SharedMemory<'_>, at: usize, addr: u64, len: u32, 
 unsafe fn write_desc(mem: &SharedMemory<'_>, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
     // SAFETY: forwarded contract: descriptor `id` lies inside the table.
     unsafe { write_desc_at(mem, id as usize * off::DESC_SIZE, addr, len, flags, next) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::SharedLine;
+
+    /// The frame epoch never wraps: `publish` starts it over once it passes
+    /// `FRAME_EPOCH_RESTART`, clearing every slot's epoch, so a slot marked
+    /// long ago can never match again.
+    #[test]
+    fn frame_epoch_restarts_before_it_wraps() {
+        let layout = RingLayout::new(RingFormat::Split, 8).unwrap();
+        let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
+        let ring = SharedMemory::new(&lines);
+        let mut slots: Vec<Slot<u32>> = (0..8).map(|_| Slot::new()).collect();
+        let config =
+            QueueConfig { queue_size: 8, ring, ring_iova: 0x1000, features: RingFeatures::empty(), indirect: None };
+        let mut q = SplitQueue::new(config, slots.as_mut_slice()).unwrap();
+        let frame = ChainFrame { iova: 0x10_0000, stride: 64, header_len: 16, status_offset: 32, status_len: 1 };
+        q.set_chain_frame(frame).unwrap();
+        let head = q.next_id().unwrap();
+        q.add_framed(Buffer::new(0x20_0000, 512), true, 1).unwrap();
+        let epoch = q.frame_epoch();
+        assert_eq!(q.slots.frame_epoch(head), epoch, "the framed chain's head is marked");
+        // As if 2^31 plain adds had happened since.
+        q.frame_offset = q.added.wrapping_sub(u64::from(FRAME_EPOCH_RESTART));
+        assert_eq!(q.frame_epoch(), FRAME_EPOCH_RESTART);
+        q.publish().unwrap();
+        assert_eq!(q.frame_epoch(), 1);
+        assert_eq!(q.slots.frame_epoch(head), 0, "every mark is cleared");
+        // A frame change near the limit restarts too.
+        q.frame_offset = q.added.wrapping_sub(u64::from(FRAME_EPOCH_RESTART) - 1);
+        q.set_chain_frame(frame).unwrap();
+        assert_eq!(q.frame_epoch(), 1);
+    }
 }

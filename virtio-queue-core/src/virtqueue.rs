@@ -1,6 +1,7 @@
 //! One driver-side interface over both formats, statically dispatched.
 
 use crate::error::{AddError, DeviceError, Error};
+use crate::frame::ChainFrame;
 use crate::layout::{LayoutError, RingFeatures, RingLayout};
 use crate::packed::PackedQueue;
 use crate::slots::{Slot, SlotStorage};
@@ -136,6 +137,35 @@ impl<'a, T, S: SlotStorage<T>> Virtqueue<'a, T, S> {
         match self {
             Virtqueue::Split(q) => q.next_id(),
             Virtqueue::Packed(q) => q.next_id(),
+        }
+    }
+
+    /// Sets where framed chains keep their header and status
+    /// ([`SplitQueue::set_chain_frame`], [`PackedQueue::set_chain_frame`]).
+    pub fn set_chain_frame(&mut self, frame: ChainFrame) -> Result<(), LayoutError> {
+        match self {
+            Virtqueue::Split(q) => q.set_chain_frame(frame),
+            Virtqueue::Packed(q) => q.set_chain_frame(frame),
+        }
+    }
+
+    /// Takes every chain the device has used so far, handing each to `f`
+    /// ([`SplitQueue::drain_used`], [`PackedQueue::drain_used`]).
+    #[inline(always)]
+    pub fn drain_used(&mut self, f: impl FnMut(Used<T>)) -> Result<usize, Error> {
+        match self {
+            Virtqueue::Split(q) => q.drain_used(f),
+            Virtqueue::Packed(q) => q.drain_used(f),
+        }
+    }
+
+    /// Adds the framed chain of the id [`next_id`](Self::next_id) names
+    /// ([`SplitQueue::add_framed`], [`PackedQueue::add_framed`]).
+    #[inline(always)]
+    pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
+        match self {
+            Virtqueue::Split(q) => q.add_framed(data, data_writable, token),
+            Virtqueue::Packed(q) => q.add_framed(data, data_writable, token),
         }
     }
 }

@@ -1224,3 +1224,66 @@ fn packed_chain_held_across_40000_submissions_is_accepted() {
         assert_eq!(q.in_flight(), 0);
     });
 }
+
+// ---------------------------------------------------------------------------
+// drain_used: the chains before a bad entry go to the caller, then the queue
+// is broken.
+
+#[test]
+fn split_drain_used_stops_at_a_double_completion() {
+    split(ev(), |q, dev, _| {
+        let mut l = Ledger::default();
+        let a = l.add(q, &[], &[64]);
+        l.add(q, &[], &[64]);
+        q.publish().unwrap();
+        let ca = pop_split(dev);
+        pop_split(dev);
+        dev.push_used(u32::from(ca.id), 5);
+        dev.push_used(u32::from(ca.id), 6);
+        dev.publish_used();
+        let mut got = Vec::new();
+        let e = DeviceError::UsedIdNotInFlight { id: u32::from(ca.id) };
+        assert_eq!(q.drain_used(|u| got.push((u.token, u.len))), Err(Error::Broken(e)));
+        assert_eq!(got, [(a, 5)]);
+        l.returned(a);
+        assert_eq!(q.drain_used(|_| panic!("a broken queue hands out nothing")), Err(Error::Broken(e)));
+        assert_stays_broken(q, &mut l, e);
+    });
+}
+
+#[test]
+fn split_drain_used_checks_the_used_index() {
+    split(ev(), |q, dev, _| {
+        let mut l = Ledger::default();
+        l.add(q, &[], &[64]);
+        q.publish().unwrap();
+        let c = pop_split(dev);
+        // Two entries for one chain in flight.
+        dev.push_used(u32::from(c.id), 1);
+        dev.push_used(u32::from(c.id), 1);
+        dev.publish_used();
+        let e = DeviceError::UsedIndexJump { used_idx: 2, last_used: 0, in_flight: 1 };
+        assert_eq!(q.drain_used(|_| panic!("nothing is handed out past a bad index")), Err(Error::Broken(e)));
+        assert_stays_broken(q, &mut l, e);
+    });
+}
+
+#[test]
+fn packed_drain_used_stops_at_a_double_completion() {
+    packed(ev(), |q, dev, _| {
+        let mut l = Ledger::default();
+        let a = l.add(q, &[], &[64]);
+        l.add(q, &[], &[64]);
+        q.publish().unwrap();
+        let ca = pop_packed(dev);
+        pop_packed(dev);
+        dev.push_used(&ca, 5);
+        dev.push_used(&ca, 6);
+        let mut got = Vec::new();
+        let e = DeviceError::UsedIdNotInFlight { id: u32::from(ca.id) };
+        assert_eq!(q.drain_used(|u| got.push((u.token, u.len))), Err(Error::Broken(e)));
+        assert_eq!(got, [(a, 5)]);
+        l.returned(a);
+        assert_stays_broken(q, &mut l, e);
+    });
+}

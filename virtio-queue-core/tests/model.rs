@@ -13,24 +13,44 @@ use std::collections::{HashMap, VecDeque};
 use proptest::prelude::*;
 use virtio_queue_core::device::{AvailChain, DeviceConfig, MemoryRegion, PackedDevice, SplitDevice};
 use virtio_queue_core::{
-    Buffer, DriverQueue, Error, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedLine,
-    SharedMemory, Slot, UsedDelay, Virtqueue,
+    Buffer, ChainFrame, DriverQueue, Error, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout,
+    SharedLine, SharedMemory, Slot, UsedDelay, Virtqueue,
 };
 
 const TABLE_IOVA: u64 = 0x4000_0000;
 const RING_IOVA: u64 = 0x1_0000;
+/// The chain frame of `AddFramed`: chain `id`'s 16-byte header at
+/// `FRAME.iova + 64 id`, its 1-byte status 32 bytes further.
+const FRAME: ChainFrame =
+    ChainFrame { iova: 0x8000_0000, stride: 64, header_len: 16, status_offset: 32, status_len: 1 };
 
 #[derive(Clone, Debug)]
 enum Op {
-    Add { readable: Vec<u32>, writable: Vec<u32> },
+    Add {
+        readable: Vec<u32>,
+        writable: Vec<u32>,
+    },
+    /// `add_framed` of one data buffer of this length, device-writable or not.
+    AddFramed {
+        len: u32,
+        writable: bool,
+    },
     Publish,
     DevicePop,
-    DeviceComplete { pick: usize, len: u32 },
-    DeviceCompleteBatch { n: usize, len: u32 },
+    DeviceComplete {
+        pick: usize,
+        len: u32,
+    },
+    DeviceCompleteBatch {
+        n: usize,
+        len: u32,
+    },
     DevicePublish,
     DeviceEnableKicks,
     DeviceDisableKicks,
     DriverPop,
+    /// `drain_used`: every visible completion at once.
+    DriverDrain,
     EnableNotify,
     EnableNotifyDelayed,
     DisableNotify,
@@ -41,6 +61,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (prop::collection::vec(len.clone(), 0..3), prop::collection::vec(len, 0..4))
             .prop_map(|(readable, writable)| Op::Add { readable, writable }),
+        4 => (prop_oneof![8 => 1u32..5000, 1 => Just(0u32)], any::<bool>())
+            .prop_map(|(len, writable)| Op::AddFramed { len, writable }),
         3 => Just(Op::Publish),
         4 => Just(Op::DevicePop),
         4 => (any::<usize>(), any::<u32>()).prop_map(|(pick, len)| Op::DeviceComplete { pick, len }),
@@ -49,6 +71,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::DeviceEnableKicks),
         1 => Just(Op::DeviceDisableKicks),
         5 => Just(Op::DriverPop),
+        2 => Just(Op::DriverDrain),
         1 => Just(Op::EnableNotify),
         1 => Just(Op::EnableNotifyDelayed),
         1 => Just(Op::DisableNotify),
@@ -126,6 +149,7 @@ fn run(cfg: Config, ops: &[Op]) {
         slots.as_mut_slice(),
     )
     .unwrap();
+    q.set_chain_frame(FRAME).unwrap();
     let dcfg = DeviceConfig { layout, ring, features, memory: &regions };
     let mut dev = match cfg.format {
         RingFormat::Split => Dev::Split(SplitDevice::new(dcfg).unwrap()),
@@ -149,12 +173,33 @@ fn run(cfg: Config, ops: &[Op]) {
     let all_ops = ops.iter().cloned().chain(drain_ops(cfg.size));
     for op in all_ops {
         match op {
-            Op::Add { readable, writable } => {
+            Op::Add { .. } | Op::AddFramed { .. } => {
                 let token = next_token;
                 next_token += 1;
                 let mk = |i: usize, len: u32| Buffer::new(u64::from(token) << 20 | (i as u64) << 12, len);
-                let r: Vec<Buffer> = readable.iter().enumerate().map(|(i, &l)| mk(i, l)).collect();
-                let w: Vec<Buffer> = writable.iter().enumerate().map(|(i, &l)| mk(i + 8, l)).collect();
+                let next_id = q.next_id();
+                // A framed chain is the chain of its id's header, the data and
+                // its id's status; without a free id `add_framed` must fail
+                // like `add` of any three buffers.
+                let frame_id = next_id.unwrap_or(0);
+                let header = Buffer::new(FRAME.iova + 64 * u64::from(frame_id), FRAME.header_len);
+                let status = Buffer::new(header.addr + 32, FRAME.status_len);
+                let (r, w, framed): (Vec<Buffer>, Vec<Buffer>, _) = match &op {
+                    Op::Add { readable, writable } => (
+                        readable.iter().enumerate().map(|(i, &l)| mk(i, l)).collect(),
+                        writable.iter().enumerate().map(|(i, &l)| mk(i + 8, l)).collect(),
+                        None,
+                    ),
+                    &Op::AddFramed { len, writable } => {
+                        let data = mk(0, len);
+                        if writable {
+                            (vec![header], vec![data, status], Some((data, true)))
+                        } else {
+                            (vec![header, data], vec![status], Some((data, false)))
+                        }
+                    }
+                    _ => unreachable!(),
+                };
                 let n = r.len() + w.len();
                 let use_indirect = cfg.indirect.is_some_and(|e| n > 1 && n <= e as usize);
                 let need = if use_indirect { 1 } else { n as u16 };
@@ -166,20 +211,23 @@ fn run(cfg: Config, ops: &[Op]) {
                     Err(Error::TooManyBuffers { buffers: n, max: cfg.size.max(entries) as usize })
                 } else if need > free || ids_full {
                     Err(Error::QueueFull)
-                } else if readable.contains(&0) || writable.contains(&0) {
+                } else if r.iter().chain(&w).any(|b| b.len == 0) {
                     Err(Error::ZeroLengthBuffer)
                 } else {
                     Ok(())
                 };
                 let before = (q.in_flight(), q.free_descriptors());
-                let next_id = q.next_id();
-                match q.add(&r, &w, token) {
+                let added = match framed {
+                    Some((data, writable)) => q.add_framed(data, writable, token),
+                    None => q.add(&r, &w, token),
+                };
+                match added {
                     Ok(()) => {
                         assert_eq!(expected, Ok(()), "add succeeded");
                         let id = next_id.expect("an add succeeded while next_id said no id was free");
                         let mut buffers: Vec<(Buffer, bool)> = r.iter().map(|b| (*b, false)).collect();
                         buffers.extend(w.iter().map(|b| (*b, true)));
-                        let writable = writable.iter().sum();
+                        let writable = w.iter().map(|b| b.len).sum();
                         ring_descs.insert(token, need);
                         unpublished.push_back(Chain { token, id, buffers, ring_descs: need, writable });
                         in_flight += 1;
@@ -312,6 +360,20 @@ fn run(cfg: Config, ops: &[Op]) {
                     }
                 }
             }
+            Op::DriverDrain => {
+                let mut got = Vec::new();
+                let n = q.drain_used(|u| got.push((u.token, u.len))).unwrap();
+                assert_eq!(n, got.len());
+                let want: Vec<(u32, u32)> = visible.drain(..).collect();
+                assert_eq!(got, want, "drain_used hands out every visible completion, in order");
+                if !got.is_empty() {
+                    driver_waiting = false;
+                }
+                for (token, _) in got {
+                    in_flight -= 1;
+                    used_ring_descs -= ring_descs.remove(&token).expect("completed chain was submitted");
+                }
+            }
             Op::EnableNotify => {
                 let ready = q.enable_used_notifications().unwrap();
                 assert_eq!(ready, !visible.is_empty(), "enable_used_notifications re-check");
@@ -366,15 +428,21 @@ fn every_feature_combination() {
             [
                 Op::Add { readable: vec![16], writable: vec![4096, 1] },
                 Op::Add { readable: vec![16 + i], writable: vec![] },
+                Op::AddFramed { len: 512 + i, writable: i % 3 != 0 },
+                Op::AddFramed { len: 4096, writable: true },
                 Op::Publish,
                 Op::DevicePop,
                 Op::DevicePop,
                 Op::DeviceComplete { pick: i as usize, len: 100 },
+                Op::DevicePop,
+                Op::DeviceComplete { pick: i as usize + 1, len: 4097 },
                 Op::DeviceCompleteBatch { n: 2, len: 1 },
                 Op::DevicePublish,
                 Op::DriverPop,
                 Op::EnableNotify,
                 Op::DriverPop,
+                Op::DevicePublish,
+                Op::DriverDrain,
             ]
         })
         .collect();
@@ -475,5 +543,140 @@ fn delayed_by_half_notifies_after_half_of_what_is_in_flight() {
         let notified: Vec<bool> = (0..8).map(|_| serve_one()).collect();
         assert_eq!(notified.iter().position(|&n| n), Some(4), "{format:?}: the 5th used chain passes the event");
         assert!(q.enable_used_notifications_delayed_by(UsedDelay::Half).unwrap(), "{format:?}: already passed");
+    }
+}
+
+/// A queue of `format` and size 8 (no indirect tables) with its device model,
+/// handed to `f`.
+fn with_queue(format: RingFormat, f: impl for<'m> FnOnce(&mut Virtqueue<'m, u32>, &mut Dev<'m>, &dyn Fn() -> Dev<'m>)) {
+    let mut features = RingFeatures::EVENT_IDX;
+    if format == RingFormat::Packed {
+        features |= RingFeatures::RING_PACKED;
+    }
+    let layout = RingLayout::new(format, 8).unwrap();
+    let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
+    let ring = SharedMemory::new(&lines);
+    let mut slots: Vec<Slot<u32>> = (0..8).map(|_| Slot::new()).collect();
+    let config = QueueConfig { queue_size: 8, ring, ring_iova: RING_IOVA, features, indirect: None };
+    let mut q = Virtqueue::new(config, slots.as_mut_slice()).unwrap();
+    let new_dev = || {
+        let dcfg = DeviceConfig { layout, ring, features, memory: &[] };
+        match format {
+            RingFormat::Split => Dev::Split(SplitDevice::new(dcfg).unwrap()),
+            RingFormat::Packed => Dev::Packed(PackedDevice::new(dcfg).unwrap()),
+        }
+    };
+    let mut dev = new_dev();
+    f(&mut q, &mut dev, &new_dev);
+}
+
+#[test]
+fn add_framed_needs_a_chain_frame() {
+    for format in [RingFormat::Split, RingFormat::Packed] {
+        with_queue(format, |q, _, _| {
+            let e = q.add_framed(Buffer::new(0x1000, 512), true, 7).unwrap_err();
+            assert_eq!((e.error, e.token), (Error::NoChainFrame, 7));
+            assert_eq!((q.in_flight(), q.free_descriptors()), (0, 8));
+        });
+    }
+}
+
+#[test]
+fn chain_frames_are_checked_against_the_queue() {
+    let bad = [
+        ChainFrame { header_len: 0, ..FRAME },
+        ChainFrame { status_len: 0, ..FRAME },
+        // Chain 7's header would end beyond the 64-bit address space.
+        ChainFrame { iova: u64::MAX - 7 * 64 - 8, ..FRAME },
+        ChainFrame { status_offset: u32::MAX, iova: u64::MAX - u64::from(u32::MAX), ..FRAME },
+        // No room for a data byte within 4 GiB.
+        ChainFrame { header_len: u32::MAX - 1, status_len: 1, ..FRAME },
+    ];
+    for format in [RingFormat::Split, RingFormat::Packed] {
+        with_queue(format, |q, _, _| {
+            for frame in bad {
+                assert_eq!(
+                    q.set_chain_frame(frame),
+                    Err(virtio_queue_core::LayoutError::InvalidChainFrame),
+                    "{frame:?}"
+                );
+            }
+            let most = ChainFrame { header_len: u32::MAX - 2, status_len: 1, ..FRAME };
+            q.set_chain_frame(most).unwrap();
+            // One data byte fits; two make the chain longer than 4 GiB.
+            assert_eq!(q.add_framed(Buffer::new(0x1000, 2), false, 1).unwrap_err().error, Error::ChainTooLong);
+            q.add_framed(Buffer::new(0x1000, 1), false, 1).unwrap();
+        });
+    }
+}
+
+/// Framed chains reuse the header and status descriptors a chain of the same
+/// id left in a split table; a `reset` (which zeroes the table), a new frame
+/// and plain `add`s in between must not leave the device stale descriptors.
+#[test]
+fn framed_chains_survive_reset_frame_changes_and_plain_adds() {
+    for format in [RingFormat::Split, RingFormat::Packed] {
+        with_queue(format, |q, dev, new_dev| {
+            let mut frame = FRAME;
+            q.set_chain_frame(frame).unwrap();
+            for round in 0..40u32 {
+                match round % 10 {
+                    3 => {
+                        // As after a device reset: the ring is zeroed on both sides.
+                        q.reset(|_| ());
+                        *dev = new_dev();
+                    }
+                    6 => {
+                        frame.iova += 0x10_0000;
+                        q.set_chain_frame(frame).unwrap();
+                    }
+                    8 => q.add(&[Buffer::new(0x5000, 8)], &[Buffer::new(0x6000, 8)], 1000 + round).unwrap(),
+                    _ => {}
+                }
+                let id = q.next_id().unwrap();
+                let data = Buffer::new(0x10_0000 * u64::from(round + 1), 512 + round);
+                q.add_framed(data, round % 2 == 0, round).unwrap();
+                q.publish().unwrap();
+                let mut seen = Vec::new();
+                loop {
+                    let chain = match dev {
+                        Dev::Split(d) => d.pop_avail(),
+                        Dev::Packed(d) => d.pop_avail(),
+                    }
+                    .unwrap();
+                    let Some(chain) = chain else { break };
+                    seen.push(chain);
+                }
+                let chain = seen.last().unwrap();
+                let header = Buffer::new(frame.iova + 64 * u64::from(id), 16);
+                let status = Buffer::new(header.addr + 32, 1);
+                let got: Vec<(u64, u32, bool)> =
+                    chain.descriptors().iter().map(|d| (d.addr, d.len, d.writable)).collect();
+                let want = vec![
+                    (header.addr, header.len, false),
+                    (data.addr, data.len, round % 2 == 0),
+                    (status.addr, status.len, true),
+                ];
+                assert_eq!(got, want, "round {round}");
+                for c in &seen {
+                    match dev {
+                        Dev::Split(d) => d.push_used(u32::from(c.id), 1),
+                        Dev::Packed(d) => d.push_used(c, 1),
+                    }
+                }
+                match dev {
+                    Dev::Split(d) => {
+                        d.publish_used();
+                    }
+                    Dev::Packed(_) => {}
+                }
+                let mut popped = 0;
+                while let Some(u) = q.pop_used().unwrap() {
+                    assert!(u.token == round || u.token == 1000 + round);
+                    popped += 1;
+                }
+                assert_eq!(popped, seen.len());
+            }
+        });
     }
 }

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use virtio_queue_core::{DriverQueue, SharedMemory, UsedDelay, Virtqueue};
+use virtio_queue_core::{DriverQueue, SharedMemory, Used, UsedDelay, Virtqueue};
 use virtio_transport_api::{Cause, Error, Step, Transport, Wait};
 
 use super::{BlkQueue, Completion, ReqState, RequestKind, Requests, AREA, A_ID, A_STATUS, S_PRESET};
@@ -29,19 +29,21 @@ fn status_error(status: u8) -> BlkError {
 
 impl Requests {
     /// Request `id`, which the ring just handed back (the id is free again),
-    /// to `f`. On the hot path (status OK, not a GET_ID) the completion is
-    /// built straight into its consumer, with a constant `result` and `id`;
-    /// the other cases go through [`complete_slow`], out of line.
+    /// to `f`. On the hot path (status OK, not a GET_ID: one comparison of
+    /// the status word) the completion is built straight into its consumer,
+    /// with a constant `result` and `id`; the other cases go through
+    /// [`complete_slow`], out of line, which goes by the request's kind.
     #[inline(always)]
     fn complete<F: FnMut(Completion)>(&mut self, areas: &SharedMemory<'_>, id: u16, f: &mut F) {
         let area = id as usize * AREA;
+        // The status byte and, above it, the slow-path mark (see `W_SLOW`).
         // Unreadable (not reached: one area per id): not written.
-        let status = areas.read_le_u64(area + A_STATUS).map_or(S_PRESET, |w| w as u8);
+        let word = areas.read_le_u64(area + A_STATUS).unwrap_or(u64::from(S_PRESET));
         let Some(r) = self.state.get_mut(id as usize) else {
-            return complete_slow(areas, ReqState::default(), status, area, f);
+            return complete_slow(areas, ReqState::default(), word as u8, area, f);
         };
-        if (status != S_OK) | (r.kind == RequestKind::GetId) {
-            return complete_slow(areas, std::mem::take(r), status, area, f);
+        if word != u64::from(S_OK) {
+            return complete_slow(areas, std::mem::take(r), word as u8, area, f);
         }
         let bufs = std::mem::take(&mut r.bufs);
         f(Completion { tag: r.tag, kind: r.kind, result: Ok(()), bufs, id: None, internal: r.internal })
@@ -74,6 +76,9 @@ impl<T: Transport> BlkQueue<T> {
             _ => {}
         }
         self.failed = self.dead.is_some() || self.broken.is_some();
+        if self.failed {
+            self.fast.close();
+        }
         let mut ids = Vec::new();
         self.vq.reset(|id| ids.push(id));
         for id in ids {
@@ -164,26 +169,19 @@ impl<T: Transport> BlkQueue<T> {
         if self.unpublished | !self.ready.is_empty() {
             n += self.poll_each_slow(&mut f);
         }
-        // One inlined copy of `f`; the format `match` is on a value that
-        // does not change in the loop.
-        loop {
-            let popped = match &mut self.vq {
-                Virtqueue::Split(q) => q.pop_used(),
-                Virtqueue::Packed(q) => q.pop_used(),
-            };
-            match popped {
-                Ok(Some(used)) => {
-                    self.reqs.complete(&self.areas, used.token, &mut f);
-                    n += 1;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    n += self.poll_each_broken(e, &mut f);
-                    break;
-                }
-            }
+        // One drain per ring format, each with its own inlined copy of `f`:
+        // the format is dispatched once per call, and each used chain goes
+        // straight from the ring to `f`.
+        let (reqs, areas) = (&mut self.reqs, &self.areas);
+        let drained = match &mut self.vq {
+            Virtqueue::Split(q) => q.drain_used(|used: Used<u16>| reqs.complete(areas, used.token, &mut f)),
+            Virtqueue::Packed(q) => q.drain_used(|used: Used<u16>| reqs.complete(areas, used.token, &mut f)),
+        };
+        match drained {
+            Ok(k) => n + k,
+            // The chains before the bad one went to `f`.
+            Err(_) => n + self.poll_each_broken(&mut f),
         }
-        n
     }
 
     /// The completions set aside, after publishing, for [`BlkQueue::poll_each`].
@@ -201,10 +199,18 @@ impl<T: Transport> BlkQueue<T> {
     }
 
     /// The device broke the ring during [`BlkQueue::poll_each`]: every
-    /// request in flight completes with the error.
+    /// request in flight completes with the error. The error is the one the
+    /// core queue keeps (`pop_used` fails only on a broken ring), read here
+    /// rather than carried out of the drain loop, whose hot path then never
+    /// holds it.
     #[cold]
     #[inline(never)]
-    fn poll_each_broken<F: FnMut(Completion)>(&mut self, e: virtio_queue_core::Error, f: &mut F) -> usize {
+    fn poll_each_broken<F: FnMut(Completion)>(&mut self, f: &mut F) -> usize {
+        let e = match self.vq.broken() {
+            Some(e) => virtio_queue_core::Error::Broken(e),
+            // Not reached (see above); fail the queue all the same.
+            None => virtio_queue_core::Error::QueueFull,
+        };
         self.fail_all(&BlkError::Queue(e));
         self.poll_each_slow(f)
     }

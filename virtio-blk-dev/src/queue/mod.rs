@@ -20,20 +20,28 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virtio_queue_core::{
-    Buffer, DriverQueue, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedMemory, Slot,
-    SlotStorage, Virtqueue,
+    Buffer, ChainFrame, DriverQueue, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedMemory,
+    Slot, SlotStorage, Virtqueue,
 };
 use virtio_transport_api::{Cause, CompletionEvent, DmaRegion, Error, QueueSetup, Step, Transport};
 
 use crate::buf::DmaBuf;
 use crate::error::{BlkError, Result};
-use crate::spec::ID_LEN;
+use crate::spec::{HEADER_LEN, ID_LEN};
 
 use validate::FastLimits;
 pub(crate) use validate::Limits;
 
 /// Preset into every status byte before submission: no device returns it.
 const S_PRESET: u8 = 0xff;
+
+/// Set in the status word, above the status byte (all the device writes),
+/// of a request whose completion always takes the slow path (GET_ID, which
+/// reads the ID): the hot path then tests the whole word against 0 (status
+/// OK, no mark) in one comparison. A device that writes the rest of the word
+/// only sends a request down the slow path, which goes by the status byte
+/// and the request's own kind.
+const W_SLOW: u64 = 1 << 8;
 
 /// Per-request area in device-visible memory, one per request id, at
 /// `id * AREA` in `BlkQueue::areas`: header, discard/write-zeroes segment,
@@ -293,7 +301,17 @@ impl<T: Transport> BlkQueue<T> {
             indirect: tables,
         };
         let slots = SlotBox((0..size).map(|_| Slot::new()).collect());
-        let vq = Virtqueue::new(config, slots).map_err(|e| bad(format!("{e:?}")))?;
+        let mut vq = Virtqueue::new(config, slots).map_err(|e| bad(format!("{e:?}")))?;
+        // One-buffer reads and writes are framed chains: header and status in
+        // the request's area.
+        let frame = ChainFrame {
+            iova: mem.iova() + (area_off + A_HDR) as u64,
+            stride: AREA as u32,
+            header_len: HEADER_LEN as u32,
+            status_offset: (A_STATUS - A_HDR) as u32,
+            status_len: 1,
+        };
+        vq.set_chain_frame(frame).map_err(|e| bad(format!("{e:?}")))?;
         let (notifier, event) = t.setup_queue(index, &QueueSetup::of::<u16, _>(&vq))?;
         let n = size as usize;
         Ok(BlkQueue {

@@ -6,10 +6,10 @@
 //! token; if the ring refuses the chain, its buffers go back to the caller
 //! and the id stays free.
 
-use virtio_queue_core::{Buffer, DriverQueue, SharedMemory};
+use virtio_queue_core::{Buffer, DriverQueue, SharedMemory, Virtqueue};
 use virtio_transport_api::{Notifier, Transport};
 
-use super::{BlkQueue, Bufs, Rejected, RequestKind, AREA, A_HDR, A_ID, A_SEG, A_STATUS, S_PRESET};
+use super::{BlkQueue, Bufs, Rejected, RequestKind, AREA, A_HDR, A_ID, A_SEG, A_STATUS, S_PRESET, W_SLOW};
 use crate::buf::DmaBuf;
 use crate::config::BlkFeatures;
 use crate::error::{BlkError, Result};
@@ -44,74 +44,55 @@ fn write_header(areas: &SharedMemory<'_>, area: usize, ty: u32, sector: u64) {
     }
     areas.write_le_u64(area + A_HDR, u64::from(ty));
     areas.write_le_u64(area + A_HDR + 8, sector);
-    areas.write_le_u64(area + A_STATUS, u64::from(S_PRESET));
+    let slow = if ty == T_GET_ID { W_SLOW } else { 0 };
+    areas.write_le_u64(area + A_STATUS, u64::from(S_PRESET) | slow);
 }
 
 impl<T: Transport> BlkQueue<T> {
-    /// A free id for a one-buffer request of `len` bytes at `offset`, if
-    /// every check passes and the queue has room: one branch when they do.
-    #[inline(always)]
-    fn take_id_one(&mut self, offset: u64, len: u64, write: bool) -> Result<u16> {
-        if self.fast.one_ok(offset, len, write) & !self.failed {
-            if let Some(id) = self.vq.next_id() {
-                return Ok(id);
-            }
-        }
-        self.take_id_one_slow(offset, len, write)
-    }
-
-    /// [`BlkQueue::take_id_one`] with the checks one by one, for the error.
-    #[cold]
-    #[inline(never)]
-    fn take_id_one_slow(&mut self, offset: u64, len: u64, write: bool) -> Result<u16> {
-        self.check_one(offset, len, write)?;
-        self.take_id()
-    }
-
-    /// A free id, if the queue is usable and not full.
-    fn take_id(&mut self) -> Result<u16> {
-        self.check_live()?;
-        self.vq.next_id().ok_or(BlkError::QueueFull)
-    }
-
-    /// A one-buffer read or write: the hot path, with the chain built on the
-    /// stack. The buffer moves once, into the request's state, before the
-    /// chain is added (the device sees nothing until then); if the ring
-    /// refuses the chain it comes back out.
+    /// A one-buffer read or write: the hot path. Every check in one branch
+    /// ([`super::validate::FastLimits::one_ok`], which also refuses everything
+    /// once the queue failed), then one dispatch on the ring format for both
+    /// the id and the framed chain (header and status in the request's area,
+    /// see `BlkQueue::new`). The header and the request's state (the buffer
+    /// moves once, into it) are written before the chain is added: the
+    /// device sees nothing until `publish`, and few values stay live across
+    /// the add. If the ring refuses the chain the buffer comes back out.
     #[inline(always)]
     fn submit_one(&mut self, offset: u64, buf: DmaBuf, tag: u64, write: bool) -> Result<(), Rejected<DmaBuf>> {
         let len = buf.len() as u64;
-        let id = match self.take_id_one(offset, len, write) {
-            Ok(id) => id,
-            Err(error) => return Err(Rejected { error, bufs: buf }),
-        };
+        if !self.fast.one_ok(offset, len, write) {
+            return self.submit_one_slow(offset, buf, write);
+        }
         // `len` fits in 32 bits (checked above).
         let data = Buffer::new(buf.iova(), len as u32);
-        let (kind, ty) = if write { (RequestKind::Write, T_OUT) } else { (RequestKind::Read, T_IN) };
-        // `id` is below the queue size, and `state` has one entry per id.
-        let Some(r) = self.reqs.state.get_mut(id as usize) else {
-            return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
-        };
-        r.tag = tag;
-        r.kind = kind;
-        r.internal = false;
-        // A free id's buffers are always `Bufs::None` (see `ReqState`): there
-        // is nothing to drop, so skip the drop check. Were it not so, the old
-        // buffers would be leaked, never freed while the device may use them.
-        std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One(buf)));
-        let area = id as usize * AREA;
-        write_header(&self.areas, area, ty, offset / SECTOR_SIZE);
-        let iova = self.areas_iova + area as u64;
-        let header = Buffer::new(iova + A_HDR as u64, HEADER_LEN as u32);
-        let status = Buffer::new(iova + A_STATUS as u64, 1);
-        let added = if write {
-            self.vq.add(&[header, data], &[status], id)
-        } else {
-            self.vq.add(&[header], &[data, status], id)
-        };
-        if let Err(e) = added {
-            return Err(self.refused_one(id, e.error));
+        macro_rules! on_ring {
+            ($q:ident) => {{
+                let Some(id) = $q.next_id() else {
+                    return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
+                };
+                // Rewritten by the next request on `id` if the chain is refused.
+                write_header(&self.areas, id as usize * AREA, if write { T_OUT } else { T_IN }, offset / SECTOR_SIZE);
+                // `id` is below the queue size, and `state` has one entry per id.
+                let Some(r) = self.reqs.state.get_mut(id as usize) else {
+                    return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
+                };
+                r.tag = tag;
+                r.kind = if write { RequestKind::Write } else { RequestKind::Read };
+                r.internal = false;
+                // A free id's buffers are always `Bufs::None` (see
+                // `ReqState`): there is nothing to drop, so skip the drop
+                // check. Were it not so, the old buffers would be leaked,
+                // never freed while the device may use them.
+                std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One(buf)));
+                if let Err(e) = $q.add_framed(data, !write, id) {
+                    return Err(self.refused_one(id, e.error));
+                }
+            }};
         }
+        match &mut self.vq {
+            Virtqueue::Split(q) => on_ring!(q),
+            Virtqueue::Packed(q) => on_ring!(q),
+        };
         self.unpublished = true;
         Ok(())
     }
@@ -127,6 +108,26 @@ impl<T: Transport> BlkQueue<T> {
             // Not reached: the buffer was stored under `id` just before.
             _ => unreachable!("the buffer of a refused request is in its state"),
         }
+    }
+
+    /// [`BlkQueue::submit_one`] when a check fails or the queue failed: the
+    /// checks one by one, for the error.
+    #[cold]
+    #[inline(never)]
+    fn submit_one_slow(&mut self, offset: u64, buf: DmaBuf, write: bool) -> Result<(), Rejected<DmaBuf>> {
+        let error = match self.check_one(offset, buf.len() as u64, write).and_then(|()| self.take_id()) {
+            // Not reached: a request that passes every check on a queue that
+            // has not failed takes the fast path.
+            Ok(_) => BlkError::QueueFull,
+            Err(e) => e,
+        };
+        Err(Rejected { error, bufs: buf })
+    }
+
+    /// A free id, if the queue is usable and not full.
+    fn take_id(&mut self) -> Result<u16> {
+        self.check_live()?;
+        self.vq.next_id().ok_or(BlkError::QueueFull)
     }
 
     /// The ring refused a chain (the core queue is as before: its id is

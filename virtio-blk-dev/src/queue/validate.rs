@@ -39,7 +39,10 @@ pub(super) struct FastLimits {
     /// `block_size - 1` (the block size is a power of two, checked at open).
     block_mask: u64,
     capacity: u64,
-    /// The longest one-buffer request: `size_max`, and [`MAX_TOTAL`].
+    /// The longest one-buffer request: `size_max`, [`MAX_TOTAL`] and the
+    /// capacity (so that `capacity - len` cannot wrap for a length that
+    /// passes); 0 once the queue has failed, so that every request takes the
+    /// slow path, which finds the error.
     max_one: u64,
     read_only: bool,
 }
@@ -49,20 +52,26 @@ impl FastLimits {
         FastLimits {
             block_mask: u64::from(l.block_size) - 1,
             capacity: l.capacity_bytes,
-            max_one: l.size_max.min(MAX_TOTAL),
+            max_one: l.size_max.min(MAX_TOTAL).min(l.capacity_bytes),
             read_only: l.features.contains(BlkFeatures::RO),
         }
     }
 
+    /// Refuses every request from now on (the queue failed).
+    pub(super) fn close(&mut self) {
+        self.max_one = 0;
+    }
+
     /// Whether a one-buffer request of `len` bytes at `offset` passes every
-    /// check of [`BlkQueue::check_one`], with one branch for the caller.
+    /// check of [`BlkQueue::check_one`] on a queue that has not failed, with
+    /// one branch for the caller.
     #[inline(always)]
     pub(super) fn one_ok(&self, offset: u64, len: u64, write: bool) -> bool {
         // `len == 0` wraps to the maximum: refused like an oversized one.
         let bad_len = len.wrapping_sub(1) >= self.max_one;
         let misaligned = (offset | len) & self.block_mask != 0;
-        let end = offset.wrapping_add(len);
-        let past_end = (end > self.capacity) | (end < offset);
+        // `len <= max_one <= capacity` unless `bad_len`: no wrap then.
+        let past_end = offset > self.capacity.wrapping_sub(len);
         let read_only = write & self.read_only;
         !(bad_len | misaligned | past_end | read_only)
     }
