@@ -209,9 +209,10 @@ fn queue_setup_refuses_bad_arguments() {
     let e = t.setup_queue(0, &good).unwrap_err();
     assert!(matches!(e.cause(), Cause::InvalidArgument(_)), "{e}");
     let features = negotiate(&mut t, 0, 0).unwrap();
-    assert_eq!(features, VirtioFeatures::VERSION_1.bits());
-    // The transport accepts ACCESS_PLATFORM itself (device crates do not ask for it): the
-    // device holds it in its driver features, read back from the common configuration.
+    // ACCESS_PLATFORM is the transport's own bit (Transport::transport_features): negotiate
+    // accepts it although the caller did not ask, and the device holds it in its driver
+    // features, read back from the common configuration.
+    assert_eq!(features, VirtioFeatures::VERSION_1.bits() | VirtioFeatures::ACCESS_PLATFORM.bits());
     assert_eq!(t.driver_features(), VirtioFeatures::VERSION_1.bits() | VirtioFeatures::ACCESS_PLATFORM.bits());
     for (index, setup, what) in [
         (2, good, "no such queue"),
