@@ -222,7 +222,12 @@ impl Worker {
     }
 
     /// Runs the job; hands the queue back, to be dropped with the target once every worker is done.
-    fn run(mut self, barrier: &Barrier, progress: &Progress) -> (Outcome, Queue) {
+    /// Runs the job; returns the outcome, the queue and the buffers. The buffers go back to
+    /// the caller rather than being freed here: freeing them unmaps them, and on vhost-vdpa
+    /// parents that take whole maps (VDUSE) any map change while another worker's requests
+    /// are in flight makes the back-end drop every mapping it holds (see transport-vdpa's
+    /// README); qemu-storage-daemon 7.2 then fails those requests with IOERR.
+    fn run(mut self, barrier: &Barrier, progress: &Progress) -> (Outcome, Queue, Vec<Option<DmaBuf>>) {
         let job = self.picker.job;
         self.q.set_batch_completions(job.interrupt && job.batch_completions);
         barrier.wait();
@@ -311,7 +316,7 @@ impl Worker {
         self.out.cpu_ns = m.cpu_ns;
         self.out.kicks = m.kicks;
         self.out.waits = m.waits;
-        (self.out, self.q)
+        (self.out, self.q, self.slots)
     }
 }
 
@@ -506,7 +511,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let show_progress = !a.json && std::io::stderr().is_terminal();
     let barrier = Barrier::new(workers.len() + 1);
     let counters: Vec<Progress> = workers.iter().map(|_| Progress::default()).collect();
-    let done = thread::scope(|s| -> Result<Vec<(Outcome, Queue)>, String> {
+    let done = thread::scope(|s| -> Result<Vec<(Outcome, Queue, Vec<Option<DmaBuf>>)>, String> {
         let mut handles = Vec::with_capacity(workers.len());
         for (i, (w, c)) in workers.into_iter().zip(&counters).enumerate() {
             let b = &barrier;
@@ -534,7 +539,15 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         handles.into_iter().map(|h| h.join().map_err(|_| "a worker thread panicked".to_string())).collect()
     })?;
 
-    let (outcomes, queues): (Vec<Outcome>, Vec<Queue>) = done.into_iter().unzip();
+    // Every worker is done: the buffers may be unmapped now, after the queues.
+    let mut outcomes = Vec::with_capacity(done.len());
+    let mut queues = Vec::with_capacity(done.len());
+    let mut _buffers = Vec::with_capacity(done.len());
+    for (o, q, b) in done {
+        outcomes.push(o);
+        queues.push(q);
+        _buffers.push(b);
+    }
     let mut total = Outcome::default();
     let mut runtime = Duration::ZERO;
     for o in &outcomes {
