@@ -168,6 +168,9 @@ struct Mark {
     waits: u64,
 }
 
+/// What a worker hands back: its outcome, its queue and its buffers.
+type Finished = (Outcome, Queue, Vec<Option<DmaBuf>>);
+
 impl Worker {
     /// Submits a request in slot `tag`, started at `now` (`Clock` nanoseconds), without
     /// publishing it. On refusal the buffer goes back to its slot and the error is counted.
@@ -227,7 +230,7 @@ impl Worker {
     /// parents that take whole maps (VDUSE) any map change while another worker's requests
     /// are in flight makes the back-end drop every mapping it holds (see transport-vdpa's
     /// README); qemu-storage-daemon 7.2 then fails those requests with IOERR.
-    fn run(mut self, barrier: &Barrier, progress: &Progress) -> (Outcome, Queue, Vec<Option<DmaBuf>>) {
+    fn run(mut self, barrier: &Barrier, progress: &Progress) -> Finished {
         let job = self.picker.job;
         self.q.set_batch_completions(job.interrupt && job.batch_completions);
         barrier.wait();
@@ -511,7 +514,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let show_progress = !a.json && std::io::stderr().is_terminal();
     let barrier = Barrier::new(workers.len() + 1);
     let counters: Vec<Progress> = workers.iter().map(|_| Progress::default()).collect();
-    let done = thread::scope(|s| -> Result<Vec<(Outcome, Queue, Vec<Option<DmaBuf>>)>, String> {
+    let done = thread::scope(|s| -> Result<Vec<Finished>, String> {
         let mut handles = Vec::with_capacity(workers.len());
         for (i, (w, c)) in workers.into_iter().zip(&counters).enumerate() {
             let b = &barrier;
