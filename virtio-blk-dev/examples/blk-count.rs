@@ -6,8 +6,8 @@
 //!     target/release/examples/blk-count split 32 4000
 //! ```
 //!
-//! Each round submits `BATCH` 4 KiB reads (`submit_read` of an owned
-//! `DmaBuf`), publishes them, lets the device serve them (`process()`, in this
+//! Each round submits `BATCH` 4 KiB reads (one `submit_reads` batch of owned
+//! `DmaBuf`s), publishes them, lets the device serve them (`process()`, in this
 //! thread but outside the counted functions) and takes every completion with
 //! `poll_each`, taking the buffers back. Queue size 256, EVENT_IDX, direct descriptors,
 //! split or packed. `cargo xtask bench` runs it at two request counts per case
@@ -25,18 +25,22 @@ const BLOCK: usize = 4096;
 /// Disk size in blocks; reads walk over it.
 const BLOCKS: u64 = 256;
 
-/// Submits `n` 4 KiB reads into buffers from `free` and publishes them.
+/// Submits `n` 4 KiB reads into buffers from `free` (one `submit_reads`
+/// batch) and publishes them.
 #[inline(never)]
 fn driver_side_submit(q: &mut BlkQueue<Transport>, free: &mut Vec<DmaBuf>, n: u32, next: &mut u64) {
-    for _ in 0..n {
-        let Some(buf) = free.pop() else { panic!("no free buffer") };
-        let tag = *next;
-        let offset = (tag % BLOCKS) * BLOCK as u64;
-        if let Err(r) = q.submit_read(offset, buf, tag) {
-            panic!("submit_read: {}", r.error);
-        }
-        *next += 1;
+    let Some(first) = free.len().checked_sub(n as usize) else { panic!("no free buffer") };
+    let mut tag = *next;
+    let mut reqs = free.drain(first..).map(|buf| {
+        let this = tag;
+        tag += 1;
+        ((this % BLOCKS) * BLOCK as u64, buf, this)
+    });
+    if let Err(r) = q.submit_reads(&mut reqs) {
+        panic!("submit_reads: {}", r.error);
     }
+    drop(reqs);
+    *next = tag;
     if let Err(e) = q.publish() {
         panic!("publish: {e}");
     }
