@@ -30,17 +30,11 @@ const BLOCKS: u64 = 256;
 #[inline(never)]
 fn driver_side_submit(q: &mut BlkQueue<Transport>, free: &mut Vec<DmaBuf>, n: u32, next: &mut u64) {
     let Some(first) = free.len().checked_sub(n as usize) else { panic!("no free buffer") };
-    let mut tag = *next;
-    let mut reqs = free.drain(first..).map(|buf| {
-        let this = tag;
-        tag += 1;
-        ((this % BLOCKS) * BLOCK as u64, buf, this)
-    });
-    if let Err(r) = q.submit_reads(&mut reqs) {
+    let reqs = free.drain(first..).zip(*next..).map(|(buf, tag)| ((tag % BLOCKS) * BLOCK as u64, buf, tag));
+    if let Err(r) = q.submit_reads(reqs) {
         panic!("submit_reads: {}", r.error);
     }
-    drop(reqs);
-    *next = tag;
+    *next += u64::from(n);
     if let Err(e) = q.publish() {
         panic!("publish: {e}");
     }

@@ -108,13 +108,13 @@ impl<T: Transport> BlkQueue<T> {
     /// dispatch on the ring format for the whole batch, then per request
     /// what [`BlkQueue::submit_one`] does.
     #[inline(always)]
-    fn submit_batch<I>(&mut self, reqs: &mut I, write: bool) -> Result<(), Rejected<DmaBuf>>
+    fn submit_batch<I>(&mut self, reqs: I, write: bool) -> Result<(), Rejected<DmaBuf>>
     where
-        I: Iterator<Item = (u64, DmaBuf, u64)>,
+        I: IntoIterator<Item = (u64, DmaBuf, u64)>,
     {
         macro_rules! batch_on_ring {
             ($q:ident) => {{
-                for (offset, buf, tag) in &mut *reqs {
+                for (offset, buf, tag) in reqs {
                     let len = buf.len() as u64;
                     if !self.fast.one_ok(offset, len, write) {
                         return self.submit_one_slow(offset, buf, write);
@@ -274,7 +274,8 @@ impl<T: Transport> BlkQueue<T> {
     /// cheaper way to fill a deep queue. Each request is checked as by
     /// `submit_read`; the first one refused stops the batch and comes back
     /// with its buffer and the error, the requests before it stay submitted
-    /// and those after it stay in `reqs`. Nothing is published.
+    /// and those after it are not taken from the iterator (pass
+    /// `iter.by_ref()` to keep them). Nothing is published.
     ///
     /// ```
     /// use virtio_blk_dev::{BlkError, BlkQueue, DmaBuf};
@@ -283,19 +284,19 @@ impl<T: Transport> BlkQueue<T> {
     /// /// Reads consecutive blocks into `bufs`, tagged by their index.
     /// fn read_blocks<T: Transport>(q: &mut BlkQueue<T>, bufs: Vec<DmaBuf>) -> Result<(), BlkError> {
     ///     let mut offset = 0;
-    ///     let mut reqs = bufs.into_iter().enumerate().map(|(i, b)| {
+    ///     let reqs = bufs.into_iter().enumerate().map(|(i, b)| {
     ///         let at = offset;
     ///         offset += b.len() as u64;
     ///         (at, b, i as u64)
     ///     });
-    ///     q.submit_reads(&mut reqs).map_err(|r| r.error)?;
+    ///     q.submit_reads(reqs).map_err(|r| r.error)?;
     ///     q.publish()
     /// }
     /// ```
     #[inline]
-    pub fn submit_reads<I>(&mut self, reqs: &mut I) -> Result<(), Rejected<DmaBuf>>
+    pub fn submit_reads<I>(&mut self, reqs: I) -> Result<(), Rejected<DmaBuf>>
     where
-        I: Iterator<Item = (u64, DmaBuf, u64)>,
+        I: IntoIterator<Item = (u64, DmaBuf, u64)>,
     {
         self.submit_batch(reqs, false)
     }
@@ -303,9 +304,9 @@ impl<T: Transport> BlkQueue<T> {
     /// Submits a batch of one-buffer writes, each `(offset, buf, tag)` as for
     /// [`BlkQueue::submit_write`]; otherwise as [`BlkQueue::submit_reads`].
     #[inline]
-    pub fn submit_writes<I>(&mut self, reqs: &mut I) -> Result<(), Rejected<DmaBuf>>
+    pub fn submit_writes<I>(&mut self, reqs: I) -> Result<(), Rejected<DmaBuf>>
     where
-        I: Iterator<Item = (u64, DmaBuf, u64)>,
+        I: IntoIterator<Item = (u64, DmaBuf, u64)>,
     {
         self.submit_batch(reqs, true)
     }
