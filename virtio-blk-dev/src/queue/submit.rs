@@ -62,10 +62,8 @@ macro_rules! one_on_ring {
         };
         // Rewritten by the next request on `id` if the chain is refused.
         write_header(&$self.areas, id as usize * AREA, if $write { T_OUT } else { T_IN }, $offset / SECTOR_SIZE);
-        // `id` is below the queue size, and `state` has one entry per id.
-        let Some(r) = $self.reqs.state.get_mut(id as usize) else {
-            return Err(Rejected { error: BlkError::QueueFull, bufs: $buf });
-        };
+        // SAFETY: `id` is what `next_id` of the core queue returned.
+        let r = unsafe { $self.reqs.ring_id(id) };
         r.tag = $tag;
         r.kind = if $write { RequestKind::Write } else { RequestKind::Read };
         r.internal = false;
