@@ -396,3 +396,58 @@ mod suite_on_the_model {
 
     virtio_blk_dev::operation_suite!(open, image = None, packed = true, queues = 2);
 }
+
+/// `submit_writes` and `submit_reads` submit a batch as `submit_write` and
+/// `submit_read` would one by one; the first request refused comes back with
+/// its buffer and error, the ones before it stay submitted and the ones after
+/// it stay in the iterator.
+#[test]
+fn batch_submission_is_one_by_one_submission() {
+    for packed in [false, true] {
+        let options = BlkOptions { packed, ..Default::default() };
+        let (mut dev, h) = open(fake(all_blk(), all_ring(), 1), options);
+        let mut bufs = dev.alloc_bufs(4096, 8).unwrap();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            b.fill(0x10 + i as u8);
+        }
+        let mut q = dev.take_queue(0).unwrap();
+        q.submit_writes(bufs.into_iter().enumerate().map(|(i, b)| (i as u64 * 8192, b, i as u64))).unwrap();
+        let mut done = poll_each_until(&mut q, 8);
+        done.sort_by_key(|c| c.tag);
+        let mut bufs = Vec::new();
+        for (i, c) in done.into_iter().enumerate() {
+            assert!(c.result.is_ok() && c.kind == RequestKind::Write && c.tag == i as u64, "{c:?}");
+            let Bufs::One(mut b) = c.bufs else { panic!("a write gives its buffer back") };
+            b.fill(0);
+            bufs.push(b);
+        }
+
+        // The fourth read is misaligned: the batch stops there.
+        let mut reqs = bufs
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| (i as u64 * 8192 + if i == 3 { 512 } else { 0 }, b, 100 + i as u64));
+        let refused = q.submit_reads(reqs.by_ref()).unwrap_err();
+        assert!(matches!(refused.error, BlkError::Misaligned { .. }), "{:?}", refused.error);
+        assert_eq!(refused.bufs.len(), 4096, "the refused buffer comes back");
+        let rest: Vec<_> = reqs.collect();
+        assert_eq!(
+            rest.iter().map(|r| r.2).collect::<Vec<_>>(),
+            [104, 105, 106, 107],
+            "the rest stays in the iterator"
+        );
+        assert_eq!(q.in_flight(), 3);
+        // Not published by `submit_reads`: `poll_each` publishes.
+        let mut done = poll_each_until(&mut q, 3);
+        done.sort_by_key(|c| c.tag);
+        for (i, c) in done.into_iter().enumerate() {
+            assert!(c.result.is_ok() && c.kind == RequestKind::Read && c.tag == 100 + i as u64, "{c:?}");
+            let Bufs::One(b) = c.bufs else { panic!("a read gives its buffer back") };
+            assert!(b.to_vec().iter().all(|&x| x == 0x10 + i as u8), "read {i} got what write {i} wrote");
+        }
+        // An empty batch submits nothing.
+        q.submit_reads(std::iter::empty()).unwrap();
+        assert_eq!(q.in_flight(), 0);
+        assert_followed_protocol(&h);
+    }
+}

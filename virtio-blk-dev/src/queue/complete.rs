@@ -33,15 +33,19 @@ impl Requests {
     /// the status word) the completion is built straight into its consumer,
     /// with a constant `result` and `id`; the other cases go through
     /// [`complete_slow`], out of line, which goes by the request's kind.
+    ///
+    /// # Safety
+    ///
+    /// `id` must be a token the core queue handed back (as for
+    /// [`Requests::ring_id`]).
     #[inline(always)]
-    fn complete<F: FnMut(Completion)>(&mut self, areas: &SharedMemory<'_>, id: u16, f: &mut F) {
+    unsafe fn complete<F: FnMut(Completion)>(&mut self, areas: &SharedMemory<'_>, id: u16, f: &mut F) {
         let area = id as usize * AREA;
         // The status byte and, above it, the slow-path mark (see `W_SLOW`).
         // Unreadable (not reached: one area per id): not written.
         let word = areas.read_le_u64(area + A_STATUS).unwrap_or(u64::from(S_PRESET));
-        let Some(r) = self.state.get_mut(id as usize) else {
-            return complete_slow(areas, ReqState::default(), word as u8, area, f);
-        };
+        // SAFETY: `id` is a token of the core queue (the caller's promise).
+        let r = unsafe { self.ring_id(id) };
         if word != u64::from(S_OK) {
             return complete_slow(areas, std::mem::take(r), word as u8, area, f);
         }
@@ -112,7 +116,8 @@ impl<T: Transport> BlkQueue<T> {
         match self.vq.pop_used() {
             Ok(Some(used)) => {
                 let mut out = None;
-                self.reqs.complete(&self.areas, used.token, &mut |c| out = Some(c));
+                // SAFETY: a token the core queue handed back.
+                unsafe { self.reqs.complete(&self.areas, used.token, &mut |c| out = Some(c)) };
                 out
             }
             Ok(None) => None,
@@ -174,8 +179,14 @@ impl<T: Transport> BlkQueue<T> {
         // straight from the ring to `f`.
         let (reqs, areas) = (&mut self.reqs, &self.areas);
         let drained = match &mut self.vq {
-            Virtqueue::Split(q) => q.drain_used(|used: Used<u16>| reqs.complete(areas, used.token, &mut f)),
-            Virtqueue::Packed(q) => q.drain_used(|used: Used<u16>| reqs.complete(areas, used.token, &mut f)),
+            Virtqueue::Split(q) => q.drain_used(|used: Used<u16>| {
+                // SAFETY: a token the core queue handed back.
+                unsafe { reqs.complete(areas, used.token, &mut f) }
+            }),
+            Virtqueue::Packed(q) => q.drain_used(|used: Used<u16>| {
+                // SAFETY: a token the core queue handed back.
+                unsafe { reqs.complete(areas, used.token, &mut f) }
+            }),
         };
         match drained {
             Ok(k) => n + k,

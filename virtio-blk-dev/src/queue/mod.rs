@@ -152,12 +152,30 @@ impl Default for ReqState {
 /// driver complete a request twice or reuse an id still in flight. `state`
 /// and the device-visible areas have one entry per id.
 struct Requests {
+    /// One entry per id: exactly the core queue's size entries (checked in
+    /// `BlkQueue::new`), never resized.
     state: Box<[ReqState]>,
 }
 
 impl Requests {
     fn new(size: u16) -> Self {
         Requests { state: (0..size).map(|_| ReqState::default()).collect() }
+    }
+
+    /// The state of `id` without a bounds check, for the hot paths
+    /// (`submit_one`, `submit_reads`, `Requests::complete`), which already
+    /// pay for the bounds check of the request's area.
+    ///
+    /// # Safety
+    ///
+    /// `id` must be an id of this queue's core queue: one that its
+    /// `next_id` returned, or a token it handed back (every token is such an
+    /// id). Those are below the queue size, which is `state.len()`.
+    #[inline(always)]
+    unsafe fn ring_id(&mut self, id: u16) -> &mut ReqState {
+        debug_assert!(usize::from(id) < self.state.len(), "id {id} of the core queue out of range");
+        // SAFETY: `id < state.len()` by the caller's promise (see above).
+        unsafe { self.state.get_unchecked_mut(usize::from(id)) }
     }
 }
 
@@ -302,6 +320,10 @@ impl<T: Transport> BlkQueue<T> {
         };
         let slots = SlotBox((0..size).map(|_| Slot::new()).collect());
         let mut vq = Virtqueue::new(config, slots).map_err(|e| bad(format!("{e:?}")))?;
+        // `Requests::ring_id` relies on one request state per id of `vq`.
+        if vq.queue_size() != size {
+            return Err(bad(format!("queue size {} instead of {size}", vq.queue_size())));
+        }
         // One-buffer reads and writes are framed chains: header and status in
         // the request's area.
         let frame = ChainFrame {

@@ -48,6 +48,37 @@ fn write_header(areas: &SharedMemory<'_>, area: usize, ty: u32, sector: u64) {
     areas.write_le_u64(area + A_STATUS, u64::from(S_PRESET) | slow);
 }
 
+/// The body of [`BlkQueue::submit_one`] once the request passed
+/// [`super::validate::FastLimits::one_ok`], on the core queue `$q` (split or
+/// packed): take the id, write the header, record the state (the buffer
+/// moves once, into it), add the framed chain. Returns from the enclosing
+/// function if the ring is full or refuses the chain.
+macro_rules! one_on_ring {
+    ($self:ident, $q:ident, $offset:ident, $buf:ident, $len:ident, $tag:ident, $write:ident) => {{
+        // `len` fits in 32 bits (checked by `one_ok`).
+        let data = Buffer::new($buf.iova(), $len as u32);
+        let Some(id) = $q.next_id() else {
+            return Err(Rejected { error: BlkError::QueueFull, bufs: $buf });
+        };
+        // Rewritten by the next request on `id` if the chain is refused.
+        write_header(&$self.areas, id as usize * AREA, if $write { T_OUT } else { T_IN }, $offset / SECTOR_SIZE);
+        // SAFETY: `id` is what `next_id` of the core queue returned.
+        let r = unsafe { $self.reqs.ring_id(id) };
+        r.tag = $tag;
+        r.kind = if $write { RequestKind::Write } else { RequestKind::Read };
+        r.internal = false;
+        // A free id's buffers are always `Bufs::None` (see `ReqState`):
+        // there is nothing to drop, so skip the drop check. Were it not so,
+        // the old buffers would be leaked, never freed while the device may
+        // use them.
+        std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One($buf)));
+        if let Err(e) = $q.add_framed(data, !$write, id) {
+            return Err($self.refused_one(id, e.error));
+        }
+        $self.unpublished = true;
+    }};
+}
+
 impl<T: Transport> BlkQueue<T> {
     /// A one-buffer read or write: the hot path. Every check in one branch
     /// ([`super::validate::FastLimits::one_ok`], which also refuses everything
@@ -63,37 +94,37 @@ impl<T: Transport> BlkQueue<T> {
         if !self.fast.one_ok(offset, len, write) {
             return self.submit_one_slow(offset, buf, write);
         }
-        // `len` fits in 32 bits (checked above).
-        let data = Buffer::new(buf.iova(), len as u32);
-        macro_rules! on_ring {
+        match &mut self.vq {
+            Virtqueue::Split(q) => one_on_ring!(self, q, offset, buf, len, tag, write),
+            Virtqueue::Packed(q) => one_on_ring!(self, q, offset, buf, len, tag, write),
+        };
+        self.unpublished = true;
+        Ok(())
+    }
+
+    /// [`BlkQueue::submit_reads`] and [`BlkQueue::submit_writes`]: one
+    /// dispatch on the ring format for the whole batch, then per request
+    /// what [`BlkQueue::submit_one`] does.
+    #[inline(always)]
+    fn submit_batch<I>(&mut self, reqs: I, write: bool) -> Result<(), Rejected<DmaBuf>>
+    where
+        I: IntoIterator<Item = (u64, DmaBuf, u64)>,
+    {
+        macro_rules! batch_on_ring {
             ($q:ident) => {{
-                let Some(id) = $q.next_id() else {
-                    return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
-                };
-                // Rewritten by the next request on `id` if the chain is refused.
-                write_header(&self.areas, id as usize * AREA, if write { T_OUT } else { T_IN }, offset / SECTOR_SIZE);
-                // `id` is below the queue size, and `state` has one entry per id.
-                let Some(r) = self.reqs.state.get_mut(id as usize) else {
-                    return Err(Rejected { error: BlkError::QueueFull, bufs: buf });
-                };
-                r.tag = tag;
-                r.kind = if write { RequestKind::Write } else { RequestKind::Read };
-                r.internal = false;
-                // A free id's buffers are always `Bufs::None` (see
-                // `ReqState`): there is nothing to drop, so skip the drop
-                // check. Were it not so, the old buffers would be leaked,
-                // never freed while the device may use them.
-                std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One(buf)));
-                if let Err(e) = $q.add_framed(data, !write, id) {
-                    return Err(self.refused_one(id, e.error));
+                for (offset, buf, tag) in reqs {
+                    let len = buf.len() as u64;
+                    if !self.fast.one_ok(offset, len, write) {
+                        return self.submit_one_slow(offset, buf, write);
+                    }
+                    one_on_ring!(self, $q, offset, buf, len, tag, write);
                 }
             }};
         }
         match &mut self.vq {
-            Virtqueue::Split(q) => on_ring!(q),
-            Virtqueue::Packed(q) => on_ring!(q),
-        };
-        self.unpublished = true;
+            Virtqueue::Split(q) => batch_on_ring!(q),
+            Virtqueue::Packed(q) => batch_on_ring!(q),
+        }
         Ok(())
     }
 
@@ -233,6 +264,49 @@ impl<T: Transport> BlkQueue<T> {
     #[inline]
     pub fn submit_write(&mut self, offset: u64, buf: DmaBuf, tag: u64) -> Result<(), Rejected<DmaBuf>> {
         self.submit_one(offset, buf, tag, true)
+    }
+
+    /// Submits a batch of one-buffer reads, each `(offset, buf, tag)` as for
+    /// [`BlkQueue::submit_read`], in order, until `reqs` is empty. The ring
+    /// format is dispatched once per call instead of once per request: the
+    /// cheaper way to fill a deep queue. Each request is checked as by
+    /// `submit_read`; the first one refused stops the batch and comes back
+    /// with its buffer and the error, the requests before it stay submitted
+    /// and those after it are not taken from the iterator (pass
+    /// `iter.by_ref()` to keep them). Nothing is published.
+    ///
+    /// ```
+    /// use virtio_blk_dev::{BlkError, BlkQueue, DmaBuf};
+    /// use virtio_transport_api::Transport;
+    ///
+    /// /// Reads consecutive blocks into `bufs`, tagged by their index.
+    /// fn read_blocks<T: Transport>(q: &mut BlkQueue<T>, bufs: Vec<DmaBuf>) -> Result<(), BlkError> {
+    ///     let mut offset = 0;
+    ///     let reqs = bufs.into_iter().enumerate().map(|(i, b)| {
+    ///         let at = offset;
+    ///         offset += b.len() as u64;
+    ///         (at, b, i as u64)
+    ///     });
+    ///     q.submit_reads(reqs).map_err(|r| r.error)?;
+    ///     q.publish()
+    /// }
+    /// ```
+    #[inline]
+    pub fn submit_reads<I>(&mut self, reqs: I) -> Result<(), Rejected<DmaBuf>>
+    where
+        I: IntoIterator<Item = (u64, DmaBuf, u64)>,
+    {
+        self.submit_batch(reqs, false)
+    }
+
+    /// Submits a batch of one-buffer writes, each `(offset, buf, tag)` as for
+    /// [`BlkQueue::submit_write`]; otherwise as [`BlkQueue::submit_reads`].
+    #[inline]
+    pub fn submit_writes<I>(&mut self, reqs: I) -> Result<(), Rejected<DmaBuf>>
+    where
+        I: IntoIterator<Item = (u64, DmaBuf, u64)>,
+    {
+        self.submit_batch(reqs, true)
     }
 
     /// Reads into several buffers, in order, starting at byte `offset`.
