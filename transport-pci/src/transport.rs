@@ -321,7 +321,32 @@ impl PciTransport {
 
         let iommu = Arc::new(Iommu::new(Arc::clone(&container))?);
 
-        let t = PciTransport {
+        let regs = (common, device_cfg, notify_bar);
+        let t = PciTransport::unstarted(
+            address,
+            identity,
+            caps,
+            options,
+            iommu,
+            regs,
+            Some(Vfio { device, _container: container }),
+        );
+        t.start()
+    }
+
+    /// A transport on mapped registers (`regs`: common configuration, device configuration,
+    /// the notify registers' BAR) before [`PciTransport::start`]: nothing negotiated yet, no
+    /// queues, no vectors.
+    fn unstarted(
+        address: PciAddress,
+        identity: Identity,
+        caps: VirtioCaps,
+        options: PciOptions,
+        iommu: Arc<Iommu>,
+        (common, device_cfg, notify_bar): (Common, Option<DeviceCfg>, Arc<BarMapping>),
+        vfio: Option<Vfio>,
+    ) -> Self {
+        PciTransport {
             address,
             identity,
             caps,
@@ -340,9 +365,8 @@ impl PciTransport {
             common,
             device_cfg,
             notify_bar,
-            vfio: Some(Vfio { device, _container: container }),
-        };
-        t.start()
+            vfio,
+        }
     }
 
     /// The part of opening that talks to the virtio registers: reset, bus mastering, the
@@ -792,27 +816,20 @@ mod tests {
             };
             let info = IommuInfo { page_sizes: 4096, ranges: Some(vec![0x10_0000..=0xfff_ffff]) };
             let iommu = Arc::new(Iommu::with_mapper(Arc::new(NoMapper), info)?);
-            PciTransport {
-                address: "0000:00:01.0".parse().unwrap(),
-                identity: Identity { pci_device_id: 0x1042, virtio_id: 2, transitional: false },
+            let regs = (
+                Common::new(Arc::clone(&bar), &caps.common).unwrap(),
+                caps.device.and_then(|w| DeviceCfg::new(Arc::clone(&bar), &w)),
+                bar,
+            );
+            PciTransport::unstarted(
+                "0000:00:01.0".parse().unwrap(),
+                Identity { pci_device_id: 0x1042, virtio_id: 2, transitional: false },
                 caps,
-                options: PciOptions { interrupts: Interrupts::Polling, ..Default::default() },
-                offered: 0,
-                driver_features: 0,
-                num_queues: 0,
-                queues: Vec::new(),
-                plan: VectorPlan::none(),
-                vectors: Vec::new(),
-                msix_error: None,
-                config_vector: None,
-                config_vector_written: false,
-                ticker: None,
+                PciOptions { interrupts: Interrupts::Polling, ..Default::default() },
                 iommu,
-                common: Common::new(Arc::clone(&bar), &caps.common).unwrap(),
-                device_cfg: caps.device.and_then(|w| DeviceCfg::new(Arc::clone(&bar), &w)),
-                notify_bar: bar,
-                vfio: None,
-            }
+                regs,
+                None,
+            )
             .start()
         }
     }
