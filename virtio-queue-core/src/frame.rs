@@ -89,6 +89,19 @@ impl Frame {
         self.max_data != 0
     }
 
+    /// The `framed_fast` bound of a queue with this frame (both formats): `max_data` while
+    /// framed chains go straight into the ring, 0 (closing the fast path) when the queue has
+    /// indirect tables that hold a whole framed chain (such chains go into a table through
+    /// `add`) or the queue is broken.
+    #[inline(always)]
+    pub fn fast_bound(&self, indirect_entries: u16, broken: bool) -> u32 {
+        if indirect_entries < 3 && !broken {
+            self.max_data
+        } else {
+            0
+        }
+    }
+
     /// Device address of chain `id`'s header (the addition cannot overflow:
     /// checked by [`Frame::new`] for every id below the queue size).
     #[inline(always)]

@@ -306,8 +306,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
 
     /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
     fn open_framed(&mut self) {
-        let direct = self.indirect.entries() < 3;
-        self.framed_fast = if direct && self.broken.is_none() { self.frame.max_data } else { 0 };
+        self.framed_fast = self.frame.fast_bound(self.indirect.entries(), self.broken.is_some());
     }
 
     /// Adds the framed chain of the buffer ID [`next_id`](Self::next_id)

@@ -413,8 +413,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
 
     /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
     fn open_framed(&mut self) {
-        let direct = self.indirect.entries() < 3;
-        self.framed_fast = if direct && self.broken.is_none() { self.frame.max_data } else { 0 };
+        self.framed_fast = self.frame.fast_bound(self.indirect.entries(), self.broken.is_some());
     }
 
     /// Adds the framed chain of the id [`next_id`](Self::next_id) names: that
