@@ -16,9 +16,9 @@ use vq_fuzz::{expected_add, with_queue, AddSpec, Dev, FramedSpec, Parts};
 #[derive(Arbitrary, Debug)]
 enum Op {
     Add(AddSpec),
-    /// `add_framed`: on a split ring it leaves the header and status
-    /// descriptors in the table for the next chain of the same id, which
-    /// `Scribble` may change.
+    /// `add_framed`: it leaves the header and status descriptors in the
+    /// split table, or in the id's indirect table, for the next chain of the
+    /// same id, which `Scribble` may change.
     AddFramed(FramedSpec),
     Publish,
     Pop,

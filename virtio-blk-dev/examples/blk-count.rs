@@ -3,14 +3,16 @@
 //!
 //! ```text
 //! valgrind --tool=callgrind --toggle-collect='*driver_side*' \
-//!     target/release/examples/blk-count split 32 4000
+//!     target/release/examples/blk-count split indirect 32 4000
 //! ```
 //!
 //! Each round submits `BATCH` 4 KiB reads (one `submit_reads` batch of owned
 //! `DmaBuf`s), publishes them, lets the device serve them (`process()`, in this
 //! thread but outside the counted functions) and takes every completion with
-//! `poll_each`, taking the buffers back. Queue size 256, EVENT_IDX, direct descriptors,
-//! split or packed. `cargo xtask bench` runs it at two request counts per case
+//! `poll_each`, taking the buffers back. Queue size 256, EVENT_IDX, split or
+//! packed, with INDIRECT negotiated (`indirect`, the default of `BlkOptions`:
+//! every request takes one ring descriptor and its slot's indirect table) or
+//! not (`direct`: three ring descriptors). `cargo xtask bench` runs it at two request counts per case
 //! and divides the difference, so start-up cost cancels out.
 
 use std::hint::black_box;
@@ -78,14 +80,23 @@ fn lost(tag: u64, bufs: Bufs) -> ! {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: blk-count split|packed BATCH REQUESTS";
-    let (Some(format), Some(batch), Some(requests)) = (args.get(1), args.get(2), args.get(3)) else {
+    let usage = "usage: blk-count split|packed direct|indirect BATCH REQUESTS";
+    let (Some(format), Some(mode), Some(batch), Some(requests)) = (args.get(1), args.get(2), args.get(3), args.get(4))
+    else {
         eprintln!("{usage}");
         std::process::exit(2);
     };
     let packed = match format.as_str() {
         "split" => false,
         "packed" => true,
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    };
+    let indirect = match mode.as_str() {
+        "direct" => false,
+        "indirect" => true,
         _ => {
             eprintln!("{usage}");
             std::process::exit(2);
@@ -102,7 +113,7 @@ fn main() {
     let transport = LoopbackTransport::new(RamDisk::new(BLOCKS * 8), ServiceMode::Manual);
     let device = transport.handle();
     let options =
-        BlkOptions { packed, event_idx: true, indirect: false, in_order: false, queue_size: 256, ..Default::default() };
+        BlkOptions { packed, event_idx: true, indirect, in_order: false, queue_size: 256, ..Default::default() };
     let mut dev = BlkDevice::open(transport, options).expect("open the loopback RAM disk");
     let mut free = dev.alloc_bufs(BLOCK, batch as usize).expect("buffers");
     let mut q = dev.take_queue(0).expect("queue 0");

@@ -9,8 +9,11 @@
 //! adds it. [`ChainFrame`] tells the queue where they are once, so that
 //! [`crate::SplitQueue::add_framed`] and [`crate::PackedQueue::add_framed`]
 //! take only the data buffer: no buffer slices, no per-request checks of the
-//! fixed ends, and on a split ring no rewrite of the header and status
-//! descriptors a chain of the same id left in the table.
+//! fixed ends, and no rewrite of the header and status descriptors a chain of
+//! the same id left in the split ring's table or in the id's indirect table.
+//! With indirect tables of three or more entries a framed chain takes one
+//! ring descriptor (its id's table), as [`crate::SplitQueue::add`] would put
+//! it, so a queue holds as many framed chains as it has entries.
 
 use crate::layout::LayoutError;
 use crate::Buffer;
@@ -89,16 +92,14 @@ impl Frame {
         self.max_data != 0
     }
 
-    /// The `framed_fast` bound of a queue with this frame (both formats): `max_data` while
-    /// framed chains go straight into the ring, 0 (closing the fast path) when the queue has
-    /// indirect tables that hold a whole framed chain (such chains go into a table through
-    /// `add`) or the queue is broken.
+    /// The `framed_fast_*` bound of a queue with this frame (both formats): `max_data` while
+    /// framed chains take the fast path, 0 (closing it) while the queue is broken.
     #[inline(always)]
-    pub fn fast_bound(&self, indirect_entries: u16, broken: bool) -> u32 {
-        if indirect_entries < 3 && !broken {
-            self.max_data
-        } else {
+    pub fn fast_bound(&self, broken: bool) -> u32 {
+        if broken {
             0
+        } else {
+            self.max_data
         }
     }
 

@@ -70,16 +70,25 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     driver_event_flags: u16,
     broken: Option<DeviceError>,
     /// One more than the longest data buffer of a framed chain on the fast
-    /// path: the frame's `max_data` while the queue has a frame, no indirect
-    /// tables of three or more entries and is not broken; else 0, which
-    /// closes the fast path with the same comparison that checks the length.
-    framed_fast: u32,
-    /// Ring positions at which a framed chain fits before the end of the
-    /// ring: `size - 2` (none below a size of 3).
+    /// path of its layout: the frame's `max_data` in `framed_fast_indirect`
+    /// when the indirect tables hold three descriptors (the chain takes one
+    /// ring position and its ID's table, as `add` would put it), else in
+    /// `framed_fast_direct` (three positions); 0 in the other, and in both
+    /// while the queue has no frame or is broken. A 0 closes that fast path
+    /// with the same comparison that checks the length.
+    framed_fast_direct: u32,
+    framed_fast_indirect: u32,
+    /// Ring positions at which a direct framed chain fits before the end of
+    /// the ring: `size - 2` (none below a size of 3).
     framed_end: u16,
     /// Where framed chains keep their header and status ([`Frame::NONE`]
     /// until [`set_chain_frame`](PackedQueue::set_chain_frame)).
     frame: Frame,
+    /// Which frame the queue has: moved by every `set_chain_frame`, never 0.
+    /// An ID whose slot records this generation has the frame's header and
+    /// status in entries 0 and 2 of its indirect table (see
+    /// [`add_framed`](PackedQueue::add_framed)).
+    frame_generation: u32,
 }
 
 /// The flag bits that say "used" when both equal the used wrap counter.
@@ -126,8 +135,10 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             driver_event_flags: PackedEventFlags::Enable as u16,
             broken: None,
             frame: Frame::NONE,
-            framed_fast: 0,
+            framed_fast_direct: 0,
+            framed_fast_indirect: 0,
             framed_end: config.queue_size.saturating_sub(2),
+            frame_generation: 1,
         })
     }
 
@@ -215,7 +226,8 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         self.used_bits = NEVER_USED;
-        self.framed_fast = 0;
+        self.framed_fast_direct = 0;
+        self.framed_fast_indirect = 0;
         Error::Broken(e)
     }
 
@@ -255,6 +267,8 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             };
             // Checks done: from here on the chain is written and committed.
             let id = self.slots.free_head();
+            // The table no longer holds a framed chain's fixed parts.
+            self.slots.set_frame_epoch(id, 0);
             let (toff, tiova) = self.indirect.table(id);
             let mem = self.indirect.mem();
             let mut at = toff;
@@ -300,13 +314,28 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// (chains in flight keep the ends they were added with).
     pub fn set_chain_frame(&mut self, frame: ChainFrame) -> Result<(), LayoutError> {
         self.frame = Frame::new(frame, self.size)?;
+        self.frame_generation = self.frame_generation.wrapping_add(1);
+        if self.frame_generation == 0 {
+            self.slots.clear_frame_epochs();
+            self.frame_generation = 1;
+        }
         self.open_framed();
         Ok(())
     }
 
-    /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
+    /// Sets the `framed_fast_*` bounds from the frame, the indirect tables and `broken`.
     fn open_framed(&mut self) {
-        self.framed_fast = self.frame.fast_bound(self.indirect.entries(), self.broken.is_some());
+        let bound = self.frame.fast_bound(self.broken.is_some());
+        (self.framed_fast_direct, self.framed_fast_indirect) =
+            if self.framed_chains_indirect() { (0, bound) } else { (bound, 0) };
+    }
+
+    /// Whether framed chains go into indirect tables (one ring position
+    /// each): the queue has tables of three or more entries. Else they take
+    /// three ring positions. Fixed when the queue is built.
+    #[inline(always)]
+    pub fn framed_chains_indirect(&self) -> bool {
+        self.indirect.entries() >= 3
     }
 
     /// Adds the framed chain of the buffer ID [`next_id`](Self::next_id)
@@ -314,19 +343,44 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// `data_writable`) and that id's status (device-writable), as set with
     /// [`set_chain_frame`](Self::set_chain_frame). The same chain as
     /// [`add`](Self::add) with those three buffers, with the same errors (and
-    /// [`Error::NoChainFrame`] without a frame), but cheaper: the three
-    /// descriptors are written straight into the ring, with no buffer slices
-    /// and no checks of the fixed ends. A chain that would cross the end of
-    /// the ring, or go into an indirect table, goes through `add`.
+    /// [`Error::NoChainFrame`] without a frame), in the same ring positions
+    /// (one, pointing at the ID's indirect table, when the tables hold three
+    /// descriptors; else three), but cheaper: no buffer slices and no checks
+    /// of the fixed ends.
+    ///
+    /// Direct, the three descriptors are written straight into the ring; a
+    /// chain that would cross the end of the ring goes through `add`.
+    /// Indirect, the ID's table keeps the header and status entries (0 and 2)
+    /// while its slot records the current frame generation: only `add`
+    /// writes a table, and it clears that record; `set_chain_frame` moves the
+    /// generation and `reset` clears every record. A chain then writes table
+    /// entry 1, the data, and the ring descriptor. A device that writes the
+    /// tables (which it must not do) can only garble its own view of later
+    /// chains: the driver reads nothing back from them.
     #[inline]
     pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
-        let frame = self.frame;
+        if self.framed_fast_indirect != 0 {
+            self.add_framed_indirect(data, data_writable, token)
+        } else {
+            self.add_framed_direct(data, data_writable, token)
+        }
+    }
+
+    /// [`add_framed`](Self::add_framed) for a caller that knows the queue
+    /// puts framed chains in the ring (see
+    /// [`framed_chains_indirect`](Self::framed_chains_indirect)), to decide
+    /// that once for many chains: on a queue with indirect tables the chain
+    /// still goes into one, only more slowly.
+    #[inline(always)]
+    pub fn add_framed_direct(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
         let p = self.next_avail;
         // Three free positions also mean a free ID (see `add`); positions
         // `p .. p + 3` do not cross the end of the ring.
-        if !((data.len.wrapping_sub(1) < self.framed_fast) & (self.free_positions >= 3) & (p < self.framed_end)) {
+        if !((data.len.wrapping_sub(1) < self.framed_fast_direct) & (self.free_positions >= 3) & (p < self.framed_end))
+        {
             return self.add_framed_slow(data, data_writable, token);
         }
+        let frame = self.frame;
         let id = self.slots.free_head();
         let avail = self.avail_bits;
         let (h, s) = (frame.header(id), frame.status(id));
@@ -361,8 +415,59 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         Ok(())
     }
 
+    /// [`add_framed`](Self::add_framed) for a caller that knows the queue
+    /// puts framed chains in indirect tables (see
+    /// [`framed_chains_indirect`](Self::framed_chains_indirect)), to decide
+    /// that once for many chains: on a queue without such tables the chain
+    /// still goes into the ring, only more slowly.
+    #[inline(always)]
+    pub fn add_framed_indirect(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
+        // A free position also means a free ID (see `add`).
+        if !((data.len.wrapping_sub(1) < self.framed_fast_indirect) & (self.free_positions >= 1)) {
+            return self.add_framed_slow(data, data_writable, token);
+        }
+        let p = self.next_avail;
+        let id = self.slots.free_head();
+        if self.slots.frame_epoch(id) != self.frame_generation {
+            self.write_frame_table(id);
+        }
+        let (toff, tiova) = self.indirect.table(id);
+        let data_flags = if data_writable { DescFlags::WRITE.bits() } else { 0 };
+        // SAFETY: `id < size` (index invariant); entry 1 of a table of at
+        // least three (`framed_fast_indirect` is only set with such tables),
+        // inside the tables `check` measured; `p < size`, inside the ring.
+        unsafe {
+            write_table_desc(self.indirect.mem(), toff + off::DESC_SIZE, data.addr, data.len, id, data_flags);
+            write_desc_data(&self.ring, p, tiova, 3 * off::DESC_SIZE as u32, id);
+        }
+        let head_flags = DescFlags::INDIRECT.bits() | self.avail_bits;
+        self.advance_avail();
+        self.finish_add(id, p, head_flags, 1, self.frame.writable(&data, data_writable), token);
+        Ok(())
+    }
+
+    /// Writes the header and status entries of ID `id`'s indirect table and
+    /// records the frame generation in its slot (see
+    /// [`add_framed`](Self::add_framed)). Only called with tables of at least
+    /// three entries.
+    #[cold]
+    #[inline(never)]
+    fn write_frame_table(&mut self, id: u16) {
+        let (h, s) = (self.frame.header(id), self.frame.status(id));
+        let (toff, _) = self.indirect.table(id);
+        let mem = self.indirect.mem();
+        // SAFETY: `id` is the free head (index invariant), below size;
+        // entries 0 and 2 lie in its table of at least three, inside the
+        // tables `check` measured.
+        unsafe {
+            write_table_desc(mem, toff, h.addr, h.len, id, 0);
+            write_table_desc(mem, toff + 2 * off::DESC_SIZE, s.addr, s.len, id, DescFlags::WRITE.bits());
+        }
+        self.slots.set_frame_epoch(id, self.frame_generation);
+    }
+
     /// [`add_framed`](Self::add_framed) through `add`: no frame, a refused
-    /// chain, too few free positions, the end of the ring, or indirect tables.
+    /// chain, too few free positions, the end of the ring, or a broken queue.
     #[cold]
     #[inline(never)]
     fn add_framed_slow(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {

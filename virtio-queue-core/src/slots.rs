@@ -35,8 +35,11 @@ pub struct Slot<T> {
     fifo: u16,
     /// Total length of the chain's device-writable buffers.
     writable: u32,
-    /// Split queues: the queue's frame epoch when this descriptor was made
-    /// the head of a framed chain (see `SplitQueue::add_framed`); 0 never.
+    /// The frame this entry's fixed parts were written for: split queues
+    /// record their frame epoch when the descriptor was made the head of a
+    /// framed chain (see `SplitQueue::add_framed`), packed queues their frame
+    /// generation when the ID's indirect table got a frame's header and
+    /// status (see `PackedQueue::add_framed`); 0 never.
     /// 32 bits, beside `writable`, so that a slot of a `u32` token stays 32
     /// bytes.
     frame_epoch: u32,

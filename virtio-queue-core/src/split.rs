@@ -115,10 +115,14 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     used_notify: UsedNotify,
     broken: Option<DeviceError>,
     /// One more than the longest data buffer of a framed chain on the fast
-    /// path: the frame's `max_data` while the queue has a frame, no indirect
-    /// tables of three or more entries and is not broken; else 0, which
-    /// closes the fast path with the same comparison that checks the length.
-    framed_fast: u32,
+    /// path of its layout: the frame's `max_data` in `framed_fast_indirect`
+    /// when the indirect tables hold three descriptors (the chain goes into
+    /// its head's table, as `add` would put it), else in
+    /// `framed_fast_direct`; 0 in the other, and in both while the queue has
+    /// no frame or is broken. A 0 closes that fast path with the same
+    /// comparison that checks the length.
+    framed_fast_direct: u32,
+    framed_fast_indirect: u32,
     /// Where framed chains keep their header and status ([`Frame::NONE`]
     /// until [`set_chain_frame`](SplitQueue::set_chain_frame)).
     frame: Frame,
@@ -184,7 +188,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             used_notify: UsedNotify::Enabled,
             broken: None,
             frame: Frame::NONE,
-            framed_fast: 0,
+            framed_fast_direct: 0,
+            framed_fast_indirect: 0,
             // Epoch 1 (`added` is 0).
             frame_offset: u64::MAX,
         })
@@ -270,7 +275,8 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         self.used_seen = self.last_used;
-        self.framed_fast = 0;
+        self.framed_fast_direct = 0;
+        self.framed_fast_indirect = 0;
         Error::Broken(e)
     }
 
@@ -411,9 +417,19 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.frame_offset = self.added.wrapping_sub(1);
     }
 
-    /// Sets `framed_fast` from the frame, the indirect tables and `broken`.
+    /// Sets the `framed_fast_*` bounds from the frame, the indirect tables and `broken`.
     fn open_framed(&mut self) {
-        self.framed_fast = self.frame.fast_bound(self.indirect.entries(), self.broken.is_some());
+        let bound = self.frame.fast_bound(self.broken.is_some());
+        (self.framed_fast_direct, self.framed_fast_indirect) =
+            if self.framed_chains_indirect() { (0, bound) } else { (bound, 0) };
+    }
+
+    /// Whether framed chains go into indirect tables (one ring descriptor
+    /// each): the queue has tables of three or more entries. Else they take
+    /// three ring descriptors. Fixed when the queue is built.
+    #[inline(always)]
+    pub fn framed_chains_indirect(&self) -> bool {
+        self.indirect.entries() >= 3
     }
 
     /// Adds the framed chain of the id [`next_id`](Self::next_id) names: that
@@ -421,50 +437,104 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// `data_writable`) and that id's status (device-writable), as set with
     /// [`set_chain_frame`](Self::set_chain_frame). The same chain as
     /// [`add`](Self::add) with those three buffers, with the same errors
-    /// (and [`Error::NoChainFrame`] without a frame), but cheaper.
+    /// (and [`Error::NoChainFrame`] without a frame), and the same ring
+    /// descriptors taken (one, its head's indirect table, when the tables
+    /// hold three descriptors; else three), but cheaper.
     ///
     /// # Frame invariant
     ///
-    /// A direct framed chain takes the three descriptors at the head of the
-    /// free list, `head`, `mid` and `last`, like `add` would, writes the
-    /// header into `head` (linked to `mid`), the status into `last`, and
-    /// records the current frame epoch, `last` and the run's length in
-    /// `head`'s slot. When the chain
-    /// completes, its run goes back onto the free list whole (`head` first,
-    /// links inside the run untouched), and nothing but an add takes a free
-    /// descriptor. So while the epoch has not changed and `head` is free
+    /// A framed chain records the current frame epoch in its head's slot when
+    /// it writes the chain's fixed parts, and finds them still in place while
+    /// that epoch holds. Everything that can write descriptors or tables
+    /// otherwise changes the epoch (`add`, `reset`, `set_chain_frame`).
+    ///
+    /// *Direct* (three descriptors): the chain takes the three descriptors at
+    /// the head of the free list, `head`, `mid` and `last`, like `add` would,
+    /// writes the header into `head` (linked to `mid`), the status into
+    /// `last`, and records `last` and the run's length in `head`'s slot. When
+    /// the chain completes, its run goes back onto the free list whole (`head`
+    /// first, links inside the run untouched), and nothing but an add takes a
+    /// free descriptor. So while the epoch has not changed and `head` is free
     /// with that epoch recorded, `head`, `next_free(head)` and
     /// `next_free(next_free(head))` still hold that frame, and `head`'s slot
     /// its `last` and length (only a commit on `head` changes them): a framed
-    /// chain on `head` then writes only `mid`, the data descriptor. Everything that
-    /// can write descriptors otherwise changes the epoch (`add`, `reset`,
-    /// `set_chain_frame`), and the framed slow path clears the epoch of the
-    /// `mid` and `last` it overwrites (a run that could hold one of them after
-    /// its own head is one with `head` or `mid` as its head). A device that
-    /// writes the descriptor table (which it must not do, §2.7.5) can only
-    /// garble its own view of later framed chains, never the driver's state:
-    /// the driver reads nothing back from the table.
+    /// chain on `head` then writes only `mid`, the data descriptor. The framed
+    /// slow path clears the epoch of the `mid` and `last` it overwrites (a run
+    /// that could hold one of them after its own head is one with `head` or
+    /// `mid` as its head).
     ///
-    /// With indirect tables that hold three descriptors the chain goes into
-    /// a table through `add`.
+    /// *Indirect* (one descriptor): the chain takes `head` alone, which points
+    /// at `head`'s table, whose entries 0 and 2 are the header (linked to 1)
+    /// and the status. Only `add` writes a table or a free descriptor, so
+    /// while the epoch holds a framed chain on `head` writes only table entry
+    /// 1, the data.
+    ///
+    /// A device that writes the descriptor table or the indirect tables
+    /// (which it must not do, §2.7.5) can only garble its own view of later
+    /// framed chains, never the driver's state: the driver reads nothing back
+    /// from either.
     #[inline]
     pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
-        let frame = self.frame;
-        if !((data.len.wrapping_sub(1) < self.framed_fast) & (self.slots.num_free() >= 3)) {
+        if self.framed_fast_indirect != 0 {
+            self.add_framed_indirect(data, data_writable, token)
+        } else {
+            self.add_framed_direct(data, data_writable, token)
+        }
+    }
+
+    /// [`add_framed`](Self::add_framed) for a caller that knows the queue
+    /// puts framed chains in the ring (see
+    /// [`framed_chains_indirect`](Self::framed_chains_indirect)), to decide
+    /// that once for many chains: on a queue with indirect tables the chain
+    /// still goes into one, only more slowly.
+    #[inline(always)]
+    pub fn add_framed_direct(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
+        if !((data.len.wrapping_sub(1) < self.framed_fast_direct) & (self.slots.num_free() >= 3)) {
             return self.add_framed_slow(data, data_writable, token);
         }
         let head = self.slots.free_head();
         let mid = self.slots.next_free(head);
         let last = self.slots.next_free(mid);
-        let epoch = self.frame_epoch();
-        if self.slots.frame_epoch(head) != epoch {
+        if self.slots.frame_epoch(head) != self.frame_epoch() {
             self.write_frame(head, mid, last);
         }
         let flags = if data_writable { (DescFlags::NEXT | DescFlags::WRITE).bits() } else { DescFlags::NEXT.bits() };
         // SAFETY: `mid` comes from the free list (index invariant), below size.
         unsafe { write_desc(&self.ring, mid, data.addr, data.len, flags, last) };
-        // `push_avail` without the run's `last` and length, which
-        // `write_frame` recorded in the head's slot.
+        let after = self.slots.next_free(last);
+        self.push_framed(head, after, 3, self.frame.writable(&data, data_writable), token);
+        Ok(())
+    }
+
+    /// [`add_framed`](Self::add_framed) for a caller that knows the queue
+    /// puts framed chains in indirect tables (see
+    /// [`framed_chains_indirect`](Self::framed_chains_indirect)), to decide
+    /// that once for many chains: on a queue without such tables the chain
+    /// still goes into the ring, only more slowly.
+    #[inline(always)]
+    pub fn add_framed_indirect(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
+        if !((data.len.wrapping_sub(1) < self.framed_fast_indirect) & (self.slots.num_free() >= 1)) {
+            return self.add_framed_slow(data, data_writable, token);
+        }
+        let head = self.slots.free_head();
+        if self.slots.frame_epoch(head) != self.frame_epoch() {
+            self.write_frame_indirect(head);
+        }
+        let flags = if data_writable { (DescFlags::NEXT | DescFlags::WRITE).bits() } else { DescFlags::NEXT.bits() };
+        let (toff, _) = self.indirect.table(head);
+        // SAFETY: `head < size` (index invariant) and entry 1 of a table of at
+        // least three (`framed_fast_indirect` is only set with such tables),
+        // inside the tables `check` measured.
+        unsafe { write_desc_at(self.indirect.mem(), toff + off::DESC_SIZE, data.addr, data.len, flags, 2) };
+        let after = self.slots.next_free(head);
+        self.push_framed(head, after, 1, self.frame.writable(&data, data_writable), token);
+        Ok(())
+    }
+
+    /// The end of a framed add: `push_avail` without the run's `last` and
+    /// length, which `write_frame` recorded in the head's slot.
+    #[inline(always)]
+    fn push_framed(&mut self, head: u16, after: u16, descs: u16, writable: u32, token: T) {
         let slot = (self.added as u16 & self.mask) as usize;
         // SAFETY: `slot < size`, inside the available ring.
         unsafe { self.avail.write_u16(off::AVAIL_RING + 2 * slot, head) };
@@ -472,13 +542,11 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.added = stamp;
         // A framed chain leaves the frame epoch as it was.
         self.frame_offset = self.frame_offset.wrapping_add(1);
-        let after = self.slots.next_free(last);
-        self.slots.commit_run(head, after, 3, token, frame.writable(&data, data_writable), stamp);
-        Ok(())
+        self.slots.commit_run(head, after, descs, token, writable, stamp);
     }
 
-    /// Writes the fixed ends of a framed chain on `head ..= last` and records
-    /// them (see the frame invariant at [`add_framed`](Self::add_framed)).
+    /// Writes the fixed ends of a direct framed chain on `head ..= last` and
+    /// records them (see the frame invariant at [`add_framed`](Self::add_framed)).
     #[cold]
     #[inline(never)]
     fn write_frame(&mut self, head: u16, mid: u16, last: u16) {
@@ -494,8 +562,31 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.slots.set_run(head, last, 3);
     }
 
+    /// Writes the fixed parts of an indirect framed chain on `head`: the ring
+    /// descriptor pointing at `head`'s table, and the table's header and status
+    /// entries; and records them (see the frame invariant at
+    /// [`add_framed`](Self::add_framed)). Only called with tables of at least
+    /// three entries.
+    #[cold]
+    #[inline(never)]
+    fn write_frame_indirect(&mut self, head: u16) {
+        let (h, s) = (self.frame.header(head), self.frame.status(head));
+        let (toff, tiova) = self.indirect.table(head);
+        let mem = self.indirect.mem();
+        // SAFETY: `head` comes from the free list (index invariant), below
+        // size; entries 0 and 2 lie in its table of at least three, inside the
+        // tables `check` measured.
+        unsafe {
+            write_desc_at(mem, toff, h.addr, h.len, DescFlags::NEXT.bits(), 1);
+            write_desc_at(mem, toff + 2 * off::DESC_SIZE, s.addr, s.len, DescFlags::WRITE.bits(), 0);
+            write_desc(&self.ring, head, tiova, 3 * off::DESC_SIZE as u32, DescFlags::INDIRECT.bits(), 0);
+        }
+        self.slots.set_frame_epoch(head, self.frame_epoch());
+        self.slots.set_run(head, head, 1);
+    }
+
     /// [`add_framed`](Self::add_framed) through `add`: no frame, a refused
-    /// chain, fewer than three free descriptors, or indirect tables.
+    /// chain, too few free descriptors, or a broken queue.
     #[cold]
     #[inline(never)]
     fn add_framed_slow(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {

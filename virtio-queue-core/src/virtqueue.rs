@@ -168,6 +168,16 @@ impl<'a, T, S: SlotStorage<T>> Virtqueue<'a, T, S> {
             Virtqueue::Packed(q) => q.add_framed(data, data_writable, token),
         }
     }
+
+    /// Whether framed chains go into indirect tables
+    /// ([`SplitQueue::framed_chains_indirect`], [`PackedQueue::framed_chains_indirect`]).
+    #[inline(always)]
+    pub fn framed_chains_indirect(&self) -> bool {
+        match self {
+            Virtqueue::Split(q) => q.framed_chains_indirect(),
+            Virtqueue::Packed(q) => q.framed_chains_indirect(),
+        }
+    }
 }
 
 macro_rules! dispatch {

@@ -396,16 +396,21 @@ const FRAME: ChainFrame = ChainFrame { iova: 0x90_0000, stride: 64, header_len: 
 /// whole chain only once it is published and that the rewrite happens only
 /// after the device is done with the previous chain. On the packed ring of
 /// three every chain fills the whole ring, one lap each (wrap counter 1, 0, 1).
+/// With INDIRECT_DESC every chain goes into the indirect table of the id the
+/// first one had, whose header and status entries stay and whose data entry
+/// is rewritten (split: the ring descriptor pointing at it stays too).
 /// The driver takes each completion with `drain_used`.
-fn framed_reuse(format: RingFormat, queue_size: u16) {
+fn framed_reuse(format: RingFormat, queue_size: u16, features: RingFeatures) {
     const DATA: [(Buffer, bool); 3] =
         [(Buffer::new(0xa0_0000, 512), true), (Buffer::new(0xb0_0000, 4096), false), (Buffer::new(0xc0_0000, 8), true)];
     model(move || {
-        let s = Setup::new(format, queue_size, RingFeatures::empty());
+        let s = Setup::new(format, queue_size, features);
         let mut slots = s.slots();
         let mut q = s.driver(&mut slots);
         q.set_chain_frame(FRAME).unwrap();
-        let dev = s.spawn_device(|dev| {
+        let indirect = features.contains(RingFeatures::INDIRECT_DESC);
+        assert_eq!(q.framed_chains_indirect(), indirect);
+        let dev = s.spawn_device(move |dev| {
             for (i, (data, writable)) in DATA.iter().enumerate() {
                 let c = spin_pop_avail(dev);
                 let header = FRAME.iova + 64 * u64::from(c.id);
@@ -415,6 +420,7 @@ fn framed_reuse(format: RingFormat, queue_size: u16) {
                     DescInfo { addr: header + 32, len: 1, writable: true },
                 ];
                 assert_eq!(c.descriptors(), want.as_slice(), "chain {i}");
+                assert_eq!(c.indirect, indirect, "chain {i}");
                 dev.push_used(&c, 1);
                 dev.publish_used();
             }
@@ -442,12 +448,22 @@ fn framed_reuse(format: RingFormat, queue_size: u16) {
 
 #[test]
 fn publication_split_framed_reuse() {
-    framed_reuse(RingFormat::Split, 4);
+    framed_reuse(RingFormat::Split, 4, RingFeatures::empty());
 }
 
 #[test]
 fn publication_packed_framed_reuse() {
-    framed_reuse(RingFormat::Packed, 3);
+    framed_reuse(RingFormat::Packed, 3, RingFeatures::empty());
+}
+
+#[test]
+fn publication_split_framed_indirect_reuse() {
+    framed_reuse(RingFormat::Split, 4, RingFeatures::INDIRECT_DESC);
+}
+
+#[test]
+fn publication_packed_framed_indirect_reuse() {
+    framed_reuse(RingFormat::Packed, 3, RingFeatures::INDIRECT_DESC);
 }
 
 // ---------------------------------------------------------------------------

@@ -548,19 +548,35 @@ fn delayed_by_half_notifies_after_half_of_what_is_in_flight() {
 
 /// A queue of `format` and size 8 (no indirect tables) with its device model,
 /// handed to `f`.
-fn with_queue(format: RingFormat, f: impl for<'m> FnOnce(&mut Virtqueue<'m, u32>, &mut Dev<'m>, &dyn Fn() -> Dev<'m>)) {
+/// An 8-entry queue of `format` with EVENT_IDX and, with `indirect`,
+/// INDIRECT_DESC and tables of that many entries; its device; and a way to
+/// make a new device (as after a reset).
+fn with_queue(
+    format: RingFormat,
+    indirect: Option<u16>,
+    f: impl for<'m> FnOnce(&mut Virtqueue<'m, u32>, &mut Dev<'m>, &dyn Fn() -> Dev<'m>),
+) {
     let mut features = RingFeatures::EVENT_IDX;
     if format == RingFormat::Packed {
         features |= RingFeatures::RING_PACKED;
     }
+    if indirect.is_some() {
+        features |= RingFeatures::INDIRECT_DESC;
+    }
+    let entries = indirect.unwrap_or(1);
     let layout = RingLayout::new(format, 8).unwrap();
     let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
+    let table_lines: Vec<SharedLine> =
+        (0..IndirectTables::bytes_needed(8, entries).unwrap().div_ceil(64)).map(|_| SharedLine::new()).collect();
     let ring = SharedMemory::new(&lines);
+    let tables = SharedMemory::new(&table_lines);
+    let regions = [MemoryRegion { addr: TABLE_IOVA, mem: tables }];
     let mut slots: Vec<Slot<u32>> = (0..8).map(|_| Slot::new()).collect();
-    let config = QueueConfig { queue_size: 8, ring, ring_iova: RING_IOVA, features, indirect: None };
+    let indirect = indirect.map(|_| IndirectTables::new(tables, TABLE_IOVA, entries).unwrap());
+    let config = QueueConfig { queue_size: 8, ring, ring_iova: RING_IOVA, features, indirect };
     let mut q = Virtqueue::new(config, slots.as_mut_slice()).unwrap();
     let new_dev = || {
-        let dcfg = DeviceConfig { layout, ring, features, memory: &[] };
+        let dcfg = DeviceConfig { layout, ring, features, memory: &regions };
         match format {
             RingFormat::Split => Dev::Split(SplitDevice::new(dcfg).unwrap()),
             RingFormat::Packed => Dev::Packed(PackedDevice::new(dcfg).unwrap()),
@@ -573,7 +589,7 @@ fn with_queue(format: RingFormat, f: impl for<'m> FnOnce(&mut Virtqueue<'m, u32>
 #[test]
 fn add_framed_needs_a_chain_frame() {
     for format in [RingFormat::Split, RingFormat::Packed] {
-        with_queue(format, |q, _, _| {
+        with_queue(format, None, |q, _, _| {
             let e = q.add_framed(Buffer::new(0x1000, 512), true, 7).unwrap_err();
             assert_eq!((e.error, e.token), (Error::NoChainFrame, 7));
             assert_eq!((q.in_flight(), q.free_descriptors()), (0, 8));
@@ -593,7 +609,7 @@ fn chain_frames_are_checked_against_the_queue() {
         ChainFrame { header_len: u32::MAX - 1, status_len: 1, ..FRAME },
     ];
     for format in [RingFormat::Split, RingFormat::Packed] {
-        with_queue(format, |q, _, _| {
+        with_queue(format, None, |q, _, _| {
             for frame in bad {
                 assert_eq!(
                     q.set_chain_frame(frame),
@@ -611,12 +627,19 @@ fn chain_frames_are_checked_against_the_queue() {
 }
 
 /// Framed chains reuse the header and status descriptors a chain of the same
-/// id left in a split table; a `reset` (which zeroes the table), a new frame
-/// and plain `add`s in between must not leave the device stale descriptors.
+/// id left in a split table or in its indirect table; a `reset` (which zeroes
+/// the ring), a new frame and plain `add`s in between (which write the same
+/// descriptors and tables) must not leave the device stale descriptors. With
+/// tables of three or more entries a framed chain is indirect and takes one
+/// ring descriptor, as `add` would make it; with smaller ones, three.
 #[test]
 fn framed_chains_survive_reset_frame_changes_and_plain_adds() {
-    for format in [RingFormat::Split, RingFormat::Packed] {
-        with_queue(format, |q, dev, new_dev| {
+    for (format, indirect) in [RingFormat::Split, RingFormat::Packed]
+        .into_iter()
+        .flat_map(|f| [None, Some(2), Some(3), Some(8)].map(|i| (f, i)))
+    {
+        let in_table = indirect.is_some_and(|e| e >= 3);
+        with_queue(format, indirect, |q, dev, new_dev| {
             let mut frame = FRAME;
             q.set_chain_frame(frame).unwrap();
             for round in 0..40u32 {
@@ -630,12 +653,16 @@ fn framed_chains_survive_reset_frame_changes_and_plain_adds() {
                         frame.iova += 0x10_0000;
                         q.set_chain_frame(frame).unwrap();
                     }
+                    // A plain chain into the table (or the descriptors) the
+                    // next framed chain takes.
                     8 => q.add(&[Buffer::new(0x5000, 8)], &[Buffer::new(0x6000, 8)], 1000 + round).unwrap(),
                     _ => {}
                 }
                 let id = q.next_id().unwrap();
                 let data = Buffer::new(0x10_0000 * u64::from(round + 1), 512 + round);
+                let free = q.free_descriptors();
                 q.add_framed(data, round % 2 == 0, round).unwrap();
+                assert_eq!(free - q.free_descriptors(), if in_table { 1 } else { 3 }, "round {round}");
                 q.publish().unwrap();
                 let mut seen = Vec::new();
                 loop {
@@ -658,6 +685,7 @@ fn framed_chains_survive_reset_frame_changes_and_plain_adds() {
                     (status.addr, status.len, true),
                 ];
                 assert_eq!(got, want, "round {round}");
+                assert_eq!(chain.indirect, in_table, "round {round}");
                 for c in &seen {
                     match dev {
                         Dev::Split(d) => d.push_used(u32::from(c.id), 1),

@@ -113,7 +113,7 @@ const BENCH_BUDGETS: &[(&str, f64)] = &[("split", 120.0), ("packed", 150.0)];
 
 /// The crate, example and feature of the `BlkQueue` count that `bench` runs after the ring's:
 /// 4 KiB reads of owned `DmaBuf`s (`submit_reads` batches), `publish`, `poll_each`, against the
-/// loopback RAM disk.
+/// loopback RAM disk, in both [`BENCH_MODES`] (with INDIRECT negotiated or not).
 const BLK_CRATE: &str = "virtio-blk-dev";
 /// See [`BLK_CRATE`].
 const BLK_EXAMPLE: &str = "blk-count";
@@ -124,8 +124,8 @@ const BLK_FEATURES: &str = "loopback";
 /// 0.6.1 spends 357 split and 479 packed).
 const BLK_TARGETS: &[(&str, f64)] = &[("split", 180.0), ("packed", 220.0)];
 
-/// Whether `bench --check` fails when a `BlkQueue` figure is over [`BLK_TARGETS`]. On since
-/// the targets were met (178.7 split, 207.4 packed; see virtio-blk-dev/README.md); the table
+/// Whether `bench --check` fails when a `BlkQueue` figure (either descriptor mode) is over
+/// [`BLK_TARGETS`]. On since the targets were met (see virtio-blk-dev/README.md); the table
 /// marks every figure over its target either way.
 const BLK_TARGETS_ENFORCED: bool = true;
 
@@ -758,8 +758,9 @@ fn per_request(what: &str, [ir_low, ir_high]: [u64; 2]) -> Result<f64> {
     Ok((ir_high - ir_low) as f64 / (high - low) as f64)
 }
 
-/// The `BlkQueue` part of `bench`: builds [`BLK_EXAMPLE`], measures split and packed at every
-/// batch size, prints a table against [`BLK_TARGETS`] and returns the figures over target.
+/// The `BlkQueue` part of `bench`: builds [`BLK_EXAMPLE`], measures split and packed in both
+/// descriptor modes at every batch size, prints a table against [`BLK_TARGETS`] and returns the
+/// figures over target.
 fn bench_blk(root: &Path, tmp: &Path) -> Result<Vec<String>> {
     Cmd::cargo(["build", "--release", "-p", BLK_CRATE, "--features", BLK_FEATURES, "--example", BLK_EXAMPLE])
         .run_in(root)?;
@@ -769,32 +770,35 @@ fn bench_blk(root: &Path, tmp: &Path) -> Result<Vec<String>> {
     }
     let mut rows = Vec::new();
     for &format in BENCH_FORMATS {
-        for &batch in BENCH_BATCHES {
-            let [low, high] = BENCH_REQUESTS;
-            let args = |n: u64| [format.to_string(), batch.to_string(), n.to_string()];
-            let ir_low = callgrind_ir(&binary, tmp, &args(low), root)?;
-            let ir_high = callgrind_ir(&binary, tmp, &args(high), root)?;
-            rows.push((format, batch, per_request(&format!("BlkQueue {format} batch {batch}"), [ir_low, ir_high])?));
+        for &mode in BENCH_MODES {
+            for &batch in BENCH_BATCHES {
+                let [low, high] = BENCH_REQUESTS;
+                let args = |n: u64| [format.to_string(), mode.to_string(), batch.to_string(), n.to_string()];
+                let ir_low = callgrind_ir(&binary, tmp, &args(low), root)?;
+                let ir_high = callgrind_ir(&binary, tmp, &args(high), root)?;
+                let what = format!("BlkQueue {format} {mode} batch {batch}");
+                rows.push((format, mode, batch, per_request(&what, [ir_low, ir_high])?));
+            }
         }
     }
     println!();
     println!(
         "BlkQueue: 4 KiB submit_reads + publish + poll_each, loopback RAM disk ({BLK_CRATE}/examples/{BLK_EXAMPLE})"
     );
-    println!("{:<8}  {:>5}  {:>13}  {:>6}", "format", "batch", "instr/request", "target");
+    println!("{:<8}  {:<8}  {:>5}  {:>13}  {:>6}", "format", "mode", "batch", "instr/request", "target");
     let mut over = Vec::new();
-    for &(format, batch, per_request) in &rows {
+    for &(format, mode, batch, per_request) in &rows {
         let target =
             if batch == BENCH_CHECK_BATCH { BLK_TARGETS.iter().find(|(f, _)| *f == format).map(|t| t.1) } else { None };
         let target_text = target.map_or_else(|| "-".to_string(), |t| format!("{t:.0}"));
         let flag = match target {
             Some(t) if per_request > t => {
-                over.push(format!("{format} batch {batch}: {per_request:.1} > {t:.0}"));
+                over.push(format!("{format} {mode} batch {batch}: {per_request:.1} > {t:.0}"));
                 "  OVER TARGET"
             }
             _ => "",
         };
-        println!("{format:<8}  {batch:>5}  {per_request:>13.1}  {target_text:>6}{flag}");
+        println!("{format:<8}  {mode:<8}  {batch:>5}  {per_request:>13.1}  {target_text:>6}{flag}");
     }
     if !over.is_empty() && !BLK_TARGETS_ENFORCED {
         println!("BlkQueue targets not met yet and not enforced (BLK_TARGETS_ENFORCED in xtask/src/main.rs)");

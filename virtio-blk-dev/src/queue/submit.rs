@@ -50,11 +50,13 @@ fn write_header(areas: &SharedMemory<'_>, area: usize, ty: u32, sector: u64) {
 
 /// The body of [`BlkQueue::submit_one`] once the request passed
 /// [`super::validate::FastLimits::one_ok`], on the core queue `$q` (split or
-/// packed): take the id, write the header, record the state (the buffer
-/// moves once, into it), add the framed chain. Returns from the enclosing
-/// function if the ring is full or refuses the chain.
+/// packed) whose framed chains `$add` adds (`add_framed_direct` or
+/// `add_framed_indirect`, as the queue lays them out): take the id, write the
+/// header, record the state (the buffer moves once, into it), add the framed
+/// chain. Returns from the enclosing function if the ring is full or refuses
+/// the chain.
 macro_rules! one_on_ring {
-    ($self:ident, $q:ident, $offset:ident, $buf:ident, $len:ident, $tag:ident, $write:ident) => {{
+    ($self:ident, $q:ident, $add:ident, $offset:ident, $buf:ident, $len:ident, $tag:ident, $write:ident) => {{
         // `len` fits in 32 bits (checked by `one_ok`).
         let data = Buffer::new($buf.iova(), $len as u32);
         let Some(id) = $q.next_id() else {
@@ -72,7 +74,7 @@ macro_rules! one_on_ring {
         // the old buffers would be leaked, never freed while the device may
         // use them.
         std::mem::forget(std::mem::replace(&mut r.bufs, Bufs::One($buf)));
-        if let Err(e) = $q.add_framed(data, !$write, id) {
+        if let Err(e) = $q.$add(data, !$write, id) {
             return Err($self.refused_one(id, e.error));
         }
         $self.unpublished = true;
@@ -95,35 +97,37 @@ impl<T: Transport> BlkQueue<T> {
             return self.submit_one_slow(offset, buf, write);
         }
         match &mut self.vq {
-            Virtqueue::Split(q) => one_on_ring!(self, q, offset, buf, len, tag, write),
-            Virtqueue::Packed(q) => one_on_ring!(self, q, offset, buf, len, tag, write),
+            Virtqueue::Split(q) => one_on_ring!(self, q, add_framed, offset, buf, len, tag, write),
+            Virtqueue::Packed(q) => one_on_ring!(self, q, add_framed, offset, buf, len, tag, write),
         };
         self.unpublished = true;
         Ok(())
     }
 
     /// [`BlkQueue::submit_reads`] and [`BlkQueue::submit_writes`]: one
-    /// dispatch on the ring format for the whole batch, then per request
-    /// what [`BlkQueue::submit_one`] does.
+    /// dispatch on the ring format and the framed chains' layout for the whole
+    /// batch, then per request what [`BlkQueue::submit_one`] does.
     #[inline(always)]
     fn submit_batch<I>(&mut self, reqs: I, write: bool) -> Result<(), Rejected<DmaBuf>>
     where
         I: IntoIterator<Item = (u64, DmaBuf, u64)>,
     {
         macro_rules! batch_on_ring {
-            ($q:ident) => {{
+            ($q:ident, $add:ident) => {{
                 for (offset, buf, tag) in reqs {
                     let len = buf.len() as u64;
                     if !self.fast.one_ok(offset, len, write) {
                         return self.submit_one_slow(offset, buf, write);
                     }
-                    one_on_ring!(self, $q, offset, buf, len, tag, write);
+                    one_on_ring!(self, $q, $add, offset, buf, len, tag, write);
                 }
             }};
         }
         match &mut self.vq {
-            Virtqueue::Split(q) => batch_on_ring!(q),
-            Virtqueue::Packed(q) => batch_on_ring!(q),
+            Virtqueue::Split(q) if q.framed_chains_indirect() => batch_on_ring!(q, add_framed_indirect),
+            Virtqueue::Split(q) => batch_on_ring!(q, add_framed_direct),
+            Virtqueue::Packed(q) if q.framed_chains_indirect() => batch_on_ring!(q, add_framed_indirect),
+            Virtqueue::Packed(q) => batch_on_ring!(q, add_framed_direct),
         }
         Ok(())
     }
