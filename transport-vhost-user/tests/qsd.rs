@@ -249,7 +249,7 @@ fn a_killed_daemon_fails_everything_fast() {
     let err = loop {
         while q.pop_used().unwrap().is_some() {}
         match done.wait(Some(Duration::from_secs(5))) {
-            Ok(Wait::Signalled(_)) => continue,
+            Ok(Wait::Signalled) => continue,
             Ok(Wait::TimedOut) => panic!("wait timed out instead of reporting the dead back-end"),
             Err(e) => break e,
         }

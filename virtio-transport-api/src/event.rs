@@ -1,6 +1,7 @@
 //! Eventfds: notifiers (kicks) and completion events (used-buffer notifications).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::error::{Cause, Error, Result, Step};
@@ -118,8 +119,8 @@ impl Notifier for EventFd {
 /// What [`CompletionEvent::wait`] saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
-    /// The device signalled (the count of signals since the last drain).
-    Signalled(u64),
+    /// The device signalled since the last wait that reported a signal.
+    Signalled,
     /// The timeout passed without a signal.
     TimedOut,
 }
@@ -128,23 +129,44 @@ pub enum Wait {
 /// optionally a descriptor whose hang-up means the backend is gone (a
 /// vhost-user socket), so waiting never outlives the backend.
 ///
-/// Waiting uses `poll(2)` and then drains with a non-blocking read, so it
-/// works whatever flags the backend put on the shared file description
-/// (qemu-storage-daemon sets `O_NONBLOCK` on it).
+/// # How waiting works
+///
+/// The first wait builds an `epoll(7)` set that holds the eventfd
+/// edge-triggered (`EPOLLET`) and the hang-up descriptor level-triggered.
+/// Every signal, a write to the eventfd, makes the eventfd ready again, so
+/// each wait sleeps in one `epoll_wait` and returns once a signal arrived
+/// since the last wait that reported one, without reading the eventfd: one
+/// system call per sleep instead of a `poll` and a read, and the
+/// registration is not rebuilt each time. It works whatever flags the
+/// backend put on the shared file description (qemu-storage-daemon sets
+/// `O_NONBLOCK` on it).
+///
+/// The eventfd's counter is therefore never reset by waiting (it would take
+/// the device ~2^64 signals to fill it). A caller that also watches
+/// [`CompletionEvent::eventfd`] in a level-triggered set of its own must
+/// drain it there ([`EventFd::drain`]); draining does not disturb waits here.
 #[derive(Debug)]
 pub struct CompletionEvent {
     event: EventFd,
     hangup: Option<OwnedFd>,
+    /// The epoll set of the eventfd and the hang-up descriptor, built by the
+    /// first wait.
+    epoll: OnceLock<OwnedFd>,
     transport: &'static str,
     queue: u16,
 }
+
+/// `epoll_event.u64` of the eventfd.
+const EV_SIGNAL: u64 = 0;
+/// `epoll_event.u64` of the hang-up descriptor.
+const EV_HANGUP: u64 = 1;
 
 impl CompletionEvent {
     /// A completion event of `transport`'s queue `queue`, signalled through
     /// `event`. If `hangup` is given, a `POLLHUP`, `POLLRDHUP` or `POLLERR` on
     /// it makes waits fail with [`Cause::Disconnected`].
     pub fn new(transport: &'static str, queue: u16, event: EventFd, hangup: Option<OwnedFd>) -> Self {
-        CompletionEvent { event, hangup, transport, queue }
+        CompletionEvent { event, hangup, epoll: OnceLock::new(), transport, queue }
     }
 
     /// The eventfd, to add to the caller's own `epoll`/`poll` set.
@@ -161,7 +183,7 @@ impl CompletionEvent {
     /// Fails with [`Cause::Disconnected`] if the backend is gone and nothing
     /// was pending.
     pub fn try_consume(&self) -> Result<bool> {
-        Ok(matches!(self.wait(Some(Duration::ZERO))?, Wait::Signalled(_)))
+        Ok(matches!(self.wait(Some(Duration::ZERO))?, Wait::Signalled))
     }
 
     /// Waits until the device signals or `timeout` passes (`None`: no limit).
@@ -170,15 +192,12 @@ impl CompletionEvent {
     /// device completed before it went away are still seen; the next wait
     /// then fails with [`Cause::Disconnected`].
     pub fn wait(&self, timeout: Option<Duration>) -> Result<Wait> {
+        let epoll = match self.epoll.get() {
+            Some(fd) => fd.as_raw_fd(),
+            None => self.build_epoll()?,
+        };
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut fds = [
-            libc::pollfd { fd: self.event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd {
-                fd: self.hangup.as_ref().map_or(-1, |f| f.as_raw_fd()),
-                events: libc::POLLRDHUP,
-                revents: 0,
-            },
-        ];
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
         loop {
             let ms: libc::c_int = match deadline {
                 None => -1,
@@ -189,28 +208,20 @@ impl CompletionEvent {
                     ms.min(libc::c_int::MAX as u128) as libc::c_int
                 }
             };
-            // SAFETY: `fds` is a live array of 2 pollfds; a negative fd is ignored by poll.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            // SAFETY: `events` is a live array of 2 epoll_events, and 2 is its length.
+            let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as libc::c_int, ms) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(Error::os(self.transport, Step::Wait, e).with_context(format!("queue {}", self.queue)));
+                return Err(self.error(e));
             }
-            if fds[0].revents & libc::POLLIN != 0 {
-                match self.event.drain() {
-                    Ok(Some(count)) => return Ok(Wait::Signalled(count)),
-                    // Someone else drained it first (another reader of the same eventfd).
-                    Ok(None) => {}
-                    Err(e) => {
-                        return Err(
-                            Error::os(self.transport, Step::Wait, e).with_context(format!("queue {}", self.queue))
-                        )
-                    }
-                }
+            let ready = &events[..n as usize];
+            if ready.iter().any(|e| e.u64 == EV_SIGNAL) {
+                return Ok(Wait::Signalled);
             }
-            if fds[1].revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            if ready.iter().any(|e| e.u64 == EV_HANGUP) {
                 return Err(Error::new(
                     self.transport,
                     Step::Wait,
@@ -222,6 +233,37 @@ impl CompletionEvent {
                 return Ok(Wait::TimedOut);
             }
         }
+    }
+
+    /// Builds the epoll set (see the type's docs) and keeps it; returns its
+    /// descriptor.
+    #[cold]
+    fn build_epoll(&self) -> Result<RawFd> {
+        // SAFETY: epoll_create1 has no memory arguments; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(self.error(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a new descriptor this function owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let add = |target: RawFd, events: u32, tag: u64| -> Result<()> {
+            let mut ev = libc::epoll_event { events, u64: tag };
+            // SAFETY: `ev` is a live epoll_event; both descriptors are open.
+            if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, target, &mut ev) } < 0 {
+                return Err(self.error(std::io::Error::last_os_error()));
+            }
+            Ok(())
+        };
+        add(self.event.as_raw_fd(), (libc::EPOLLIN | libc::EPOLLET) as u32, EV_SIGNAL)?;
+        if let Some(h) = &self.hangup {
+            add(h.as_raw_fd(), libc::EPOLLRDHUP as u32, EV_HANGUP)?;
+        }
+        // Another thread may have built one meanwhile: keep whichever won.
+        Ok(self.epoll.get_or_init(|| epoll).as_raw_fd())
+    }
+
+    fn error(&self, e: std::io::Error) -> Error {
+        Error::os(self.transport, Step::Wait, e).with_context(format!("queue {}", self.queue))
     }
 }
 
@@ -236,7 +278,30 @@ mod tests {
         assert_eq!(c.wait(Some(Duration::ZERO)).unwrap(), Wait::TimedOut);
         e.notify().unwrap();
         e.notify().unwrap();
-        assert_eq!(c.wait(Some(Duration::from_secs(1))).unwrap(), Wait::Signalled(2));
+        assert_eq!(c.wait(Some(Duration::from_secs(1))).unwrap(), Wait::Signalled);
+        // Both signals were reported by that one wait.
+        assert!(!c.try_consume().unwrap());
+    }
+
+    #[test]
+    fn every_signal_wakes_a_wait_whoever_drains_the_counter() {
+        let e = EventFd::new().unwrap();
+        let c = CompletionEvent::new("test", 0, e.try_clone().unwrap(), None);
+        // A signal before the first wait (the epoll set does not exist yet).
+        e.notify().unwrap();
+        assert_eq!(c.wait(Some(Duration::ZERO)).unwrap(), Wait::Signalled);
+        assert_eq!(c.wait(Some(Duration::ZERO)).unwrap(), Wait::TimedOut);
+        // The counter is not reset by waits, yet each new signal is seen once.
+        for _ in 0..3 {
+            e.notify().unwrap();
+            assert_eq!(c.wait(Some(Duration::from_secs(1))).unwrap(), Wait::Signalled);
+            assert_eq!(c.wait(Some(Duration::ZERO)).unwrap(), Wait::TimedOut);
+        }
+        assert_eq!(e.drain().unwrap(), Some(4));
+        // Draining is not a signal; a signal after it still is.
+        assert_eq!(c.wait(Some(Duration::ZERO)).unwrap(), Wait::TimedOut);
+        e.notify().unwrap();
+        assert!(c.try_consume().unwrap());
         assert!(!c.try_consume().unwrap());
     }
 
@@ -257,7 +322,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             e.notify().unwrap();
         });
-        assert_eq!(c.wait(None).unwrap(), Wait::Signalled(1));
+        assert_eq!(c.wait(None).unwrap(), Wait::Signalled);
         t.join().unwrap();
     }
 
@@ -268,7 +333,7 @@ mod tests {
         let c = CompletionEvent::new("test", 1, e.try_clone().unwrap(), Some(OwnedFd::from(a)));
         e.notify().unwrap();
         drop(b);
-        assert_eq!(c.wait(Some(Duration::from_secs(1))).unwrap(), Wait::Signalled(1));
+        assert_eq!(c.wait(Some(Duration::from_secs(1))).unwrap(), Wait::Signalled);
         let err = c.wait(Some(Duration::from_secs(5))).unwrap_err();
         assert!(err.is_disconnected(), "{err}");
         assert_eq!(err.step(), Step::Wait);
