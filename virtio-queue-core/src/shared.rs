@@ -345,6 +345,32 @@ impl SharedMemory<'_> {
         Some(unsafe { self.read_u64(offset) })
     }
 
+    /// [`write_le_u64`](Self::write_le_u64) without its checks, for a device
+    /// crate whose own invariants place the word (a request id below the
+    /// queue size in an array sized for the queue).
+    ///
+    /// # Safety
+    ///
+    /// `offset` is a multiple of 8 and `offset + 8 <= self.len()`.
+    #[inline(always)]
+    pub unsafe fn write_le_u64_unchecked(&self, offset: usize, v: u64) {
+        // SAFETY: the caller's promise: 8-aligned (the window starts on a
+        // 16-byte boundary) and inside the window.
+        unsafe { self.write_u64(offset, v) };
+    }
+
+    /// [`read_le_u64`](Self::read_le_u64) without its checks (see
+    /// [`write_le_u64_unchecked`](Self::write_le_u64_unchecked)).
+    ///
+    /// # Safety
+    ///
+    /// `offset` is a multiple of 8 and `offset + 8 <= self.len()`.
+    #[inline(always)]
+    pub unsafe fn read_le_u64_unchecked(&self, offset: usize) -> u64 {
+        // SAFETY: as in `write_le_u64_unchecked`.
+        unsafe { self.read_u64(offset) }
+    }
+
     /// Zeroes the whole window (both field kinds under loom). Only done while
     /// the device does not yet know the memory.
     pub(crate) fn zero(&self) {

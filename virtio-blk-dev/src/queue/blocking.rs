@@ -10,7 +10,7 @@ use virtio_transport_api::{Cause, Error, Step, Transport};
 
 use super::complete::Slept;
 use super::submit::Data;
-use super::{BlkQueue, RequestKind, AREA};
+use super::{BlkQueue, RequestKind};
 use crate::config::BlkFeatures;
 use crate::error::{BlkError, Result};
 use crate::spec::{ID_LEN, T_FLUSH, T_GET_ID};
@@ -99,6 +99,6 @@ impl<T: Transport> BlkQueue<T> {
         let id = self.enqueue(RequestKind::GetId, T_GET_ID, 0, Data::None, None, 0, true)?;
         self.publish()?;
         self.wait_internal()?;
-        Ok(super::complete::read_id(&self.areas, id as usize * AREA))
+        Ok(self.areas.read_id(id))
     }
 }

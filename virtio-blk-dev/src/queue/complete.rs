@@ -9,12 +9,13 @@
 
 use std::time::{Duration, Instant};
 
-use virtio_queue_core::{DriverQueue, SharedMemory, Used, UsedDelay, Virtqueue};
+use virtio_queue_core::{DriverQueue, Used, UsedDelay, Virtqueue};
 use virtio_transport_api::{Cause, Error, Step, Transport, Wait};
 
-use super::{BlkQueue, Completion, ReqState, RequestKind, Requests, AREA, A_ID, A_STATUS, S_PRESET};
+use super::areas::RequestAreas;
+use super::{BlkQueue, Completion, ReqState, RequestKind, Requests, S_PRESET};
 use crate::error::{BlkError, DeviceStatus};
-use crate::spec::{ID_LEN, S_IOERR, S_OK, S_UNSUPP};
+use crate::spec::{S_IOERR, S_OK, S_UNSUPP};
 
 /// The error of a status byte other than OK.
 #[cold]
@@ -39,15 +40,14 @@ impl Requests {
     /// `id` must be a token the core queue handed back (as for
     /// [`Requests::ring_id`]).
     #[inline(always)]
-    unsafe fn complete<F: FnMut(Completion)>(&mut self, areas: &SharedMemory<'_>, id: u16, f: &mut F) {
-        let area = id as usize * AREA;
+    unsafe fn complete<F: FnMut(Completion)>(&mut self, areas: &RequestAreas, id: u16, f: &mut F) {
         // The status byte and, above it, the slow-path mark (see `W_SLOW`).
-        // Unreadable (not reached: one area per id): not written.
-        let word = areas.read_le_u64(area + A_STATUS).unwrap_or(u64::from(S_PRESET));
+        // SAFETY: `id` is a token of the core queue (the caller's promise).
+        let word = unsafe { areas.status_word(id) };
         // SAFETY: `id` is a token of the core queue (the caller's promise).
         let r = unsafe { self.ring_id(id) };
         if word != u64::from(S_OK) {
-            return complete_slow(areas, std::mem::take(r), word as u8, area, f);
+            return complete_slow(areas, std::mem::take(r), word as u8, id, f);
         }
         let bufs = std::mem::take(&mut r.bufs);
         f(Completion { tag: r.tag, kind: r.kind, result: Ok(()), bufs, id: None, internal: r.internal })
@@ -57,17 +57,10 @@ impl Requests {
 /// [`Requests::complete`] for a request that failed or was a GET_ID.
 #[cold]
 #[inline(never)]
-fn complete_slow<F: FnMut(Completion)>(areas: &SharedMemory<'_>, r: ReqState, status: u8, area: usize, f: &mut F) {
+fn complete_slow<F: FnMut(Completion)>(areas: &RequestAreas, r: ReqState, status: u8, id: u16, f: &mut F) {
     let result = if status == S_OK { Ok(()) } else { Err(status_error(status)) };
-    let id = if r.kind == RequestKind::GetId && result.is_ok() { Some(read_id(areas, area)) } else { None };
+    let id = if r.kind == RequestKind::GetId && result.is_ok() { Some(areas.read_id(id)) } else { None };
     f(Completion { tag: r.tag, kind: r.kind, result, bufs: r.bufs, id, internal: r.internal })
-}
-
-/// The device ID written into the area at `area`.
-pub(super) fn read_id(areas: &SharedMemory<'_>, area: usize) -> [u8; ID_LEN] {
-    let mut b = [0u8; ID_LEN];
-    areas.read_bytes(area + A_ID, &mut b);
-    b
 }
 
 impl<T: Transport> BlkQueue<T> {
@@ -286,7 +279,7 @@ impl<T: Transport> BlkQueue<T> {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         self.waits += 1;
         match self.event.wait(left) {
-            Ok(Wait::Signalled(_)) => Slept::Ready,
+            Ok(Wait::Signalled) => Slept::Ready,
             Ok(Wait::TimedOut) => Slept::TimedOut,
             Err(e) => {
                 self.fail_all(&BlkError::Transport(e));

@@ -1,6 +1,7 @@
 //! One request queue: the [`BlkQueue`] type, its device-visible memory and
 //! its per-request state. The work is split by concept:
 //!
+//! - [`areas`]: where each request's header, status and extra buffers live;
 //! - [`validate`]: the checks a request passes before it touches the ring;
 //! - [`submit`]: headers, chains, the `submit_*` calls and `publish`;
 //! - [`complete`]: status bytes, `poll`, `wait`, and failing every request
@@ -8,6 +9,7 @@
 //! - [`blocking`]: `read_at`/`write_at`/`flush`/`get_id` through the bounce
 //!   buffer.
 
+mod areas;
 mod blocking;
 mod complete;
 mod submit;
@@ -20,14 +22,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virtio_queue_core::{
-    Buffer, ChainFrame, DriverQueue, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedMemory,
-    Slot, SlotStorage, Virtqueue,
+    Buffer, DriverQueue, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout, SharedMemory, Slot,
+    SlotStorage, Virtqueue,
 };
 use virtio_transport_api::{Cause, CompletionEvent, DmaRegion, Error, QueueSetup, Step, Transport};
 
 use crate::buf::DmaBuf;
 use crate::error::{BlkError, Result};
-use crate::spec::{HEADER_LEN, ID_LEN};
+use crate::spec::ID_LEN;
+use areas::RequestAreas;
 
 use validate::FastLimits;
 pub(crate) use validate::Limits;
@@ -42,17 +45,6 @@ const S_PRESET: u8 = 0xff;
 /// only sends a request down the slow path, which goes by the status byte
 /// and the request's own kind.
 const W_SLOW: u64 = 1 << 8;
-
-/// Per-request area in device-visible memory, one per request id, at
-/// `id * AREA` in `BlkQueue::areas`: header, discard/write-zeroes segment,
-/// status byte, ID buffer. The status byte is the low byte of its own
-/// 8-byte word, which nothing else uses, so it is preset and read with one
-/// 8-byte access.
-const AREA: usize = 64;
-const A_HDR: usize = 0;
-const A_SEG: usize = 16;
-const A_STATUS: usize = 32;
-const A_ID: usize = 40;
 
 /// The kind of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,8 +155,9 @@ impl Requests {
     }
 
     /// The state of `id` without a bounds check, for the hot paths
-    /// (`submit_one`, `submit_reads`, `Requests::complete`), which already
-    /// pay for the bounds check of the request's area.
+    /// (`submit_one`, `submit_reads`, `Requests::complete`), which reach the
+    /// request's areas unchecked under the same contract
+    /// ([`RequestAreas::write_header`]).
     ///
     /// # Safety
     ///
@@ -191,8 +184,7 @@ pub struct BlkQueue<T: Transport> {
     // Field order matters: the queue and the views below point into `mem`,
     // which is dropped last.
     vq: Virtqueue<'static, u16, SlotBox>,
-    areas: SharedMemory<'static>,
-    areas_iova: u64,
+    areas: RequestAreas,
     reqs: Requests,
     fast: FastLimits,
     /// Set by every submission, cleared by `publish` (and `fail_all`).
@@ -289,7 +281,7 @@ impl<T: Transport> BlkQueue<T> {
             0
         };
         let area_off = ind_off + ind_len;
-        let area_len = size as usize * AREA;
+        let area_len = RequestAreas::bytes(size);
         let bounce_off = round_up(area_off + area_len, 4096);
         let bs = limits.block_size as usize;
         let bounce_len = (options.bounce_size / bs).max(1) * bs;
@@ -325,21 +317,15 @@ impl<T: Transport> BlkQueue<T> {
             return Err(bad(format!("queue size {} instead of {size}", vq.queue_size())));
         }
         // One-buffer reads and writes are framed chains: header and status in
-        // the request's area.
-        let frame = ChainFrame {
-            iova: mem.iova() + (area_off + A_HDR) as u64,
-            stride: AREA as u32,
-            header_len: HEADER_LEN as u32,
-            status_offset: (A_STATUS - A_HDR) as u32,
-            status_len: 1,
-        };
-        vq.set_chain_frame(frame).map_err(|e| bad(format!("{e:?}")))?;
+        // the request's areas.
+        let areas = RequestAreas::new(slice(area_off, area_len)?, mem.iova() + area_off as u64, size)
+            .ok_or_else(|| bad("request areas too small".into()))?;
+        vq.set_chain_frame(areas.frame()).map_err(|e| bad(format!("{e:?}")))?;
         let (notifier, event) = t.setup_queue(index, &QueueSetup::of::<u16, _>(&vq))?;
         let n = size as usize;
         Ok(BlkQueue {
             vq,
-            areas: slice(area_off, area_len)?,
-            areas_iova: mem.iova() + area_off as u64,
+            areas,
             reqs: Requests::new(size),
             fast: FastLimits::new(&limits),
             unpublished: false,

@@ -1,4 +1,4 @@
-//! Submission: the request header and status preset in the request's area,
+//! Submission: the request header and status preset in the request's areas,
 //! the chain, and publishing a batch.
 //!
 //! A request takes the id its chain will have (see [`super::Requests`]),
@@ -6,10 +6,10 @@
 //! token; if the ring refuses the chain, its buffers go back to the caller
 //! and the id stays free.
 
-use virtio_queue_core::{Buffer, DriverQueue, SharedMemory, Virtqueue};
+use virtio_queue_core::{Buffer, DriverQueue, Virtqueue};
 use virtio_transport_api::{Notifier, Transport};
 
-use super::{BlkQueue, Bufs, Rejected, RequestKind, AREA, A_HDR, A_ID, A_SEG, A_STATUS, S_PRESET, W_SLOW};
+use super::{BlkQueue, Bufs, Rejected, RequestKind};
 use crate::buf::DmaBuf;
 use crate::config::BlkFeatures;
 use crate::error::{BlkError, Result};
@@ -28,26 +28,6 @@ pub(super) enum Data<'a> {
     Many(&'a [DmaBuf]),
 }
 
-/// Writes the header of the request in the area at `area` and presets its
-/// status byte: three 8-byte stores (the status word holds only the status
-/// byte; the ID buffer starts after it). `area` is `id * AREA` for an id
-/// below the queue size, and `areas` holds one area per id; were it not,
-/// nothing would be written and the request would complete as "status not
-/// written".
-#[inline(always)]
-fn write_header(areas: &SharedMemory<'_>, area: usize, ty: u32, sector: u64) {
-    // A copy of the view, so that its length stays in a register across the
-    // stores, and one bounds check for the three.
-    let areas = *areas;
-    if area + AREA > areas.len() {
-        return;
-    }
-    areas.write_le_u64(area + A_HDR, u64::from(ty));
-    areas.write_le_u64(area + A_HDR + 8, sector);
-    let slow = if ty == T_GET_ID { W_SLOW } else { 0 };
-    areas.write_le_u64(area + A_STATUS, u64::from(S_PRESET) | slow);
-}
-
 /// The body of [`BlkQueue::submit_one`] once the request passed
 /// [`super::validate::FastLimits::one_ok`], on the core queue `$q` (split or
 /// packed) whose framed chains `$add` adds (`add_framed_direct` or
@@ -63,7 +43,8 @@ macro_rules! one_on_ring {
             return Err(Rejected { error: BlkError::QueueFull, bufs: $buf });
         };
         // Rewritten by the next request on `id` if the chain is refused.
-        write_header(&$self.areas, id as usize * AREA, if $write { T_OUT } else { T_IN }, $offset / SECTOR_SIZE);
+        // SAFETY: `id` is what `next_id` of the core queue returned.
+        unsafe { $self.areas.write_header(id, if $write { T_OUT } else { T_IN }, $offset / SECTOR_SIZE, false) };
         // SAFETY: `id` is what `next_id` of the core queue returned.
         let r = unsafe { $self.reqs.ring_id(id) };
         r.tag = $tag;
@@ -189,14 +170,13 @@ impl<T: Transport> BlkQueue<T> {
         internal: bool,
     ) -> Result<u16> {
         let id = self.take_id()?;
-        let area = id as usize * AREA;
-        let iova = self.areas_iova + area as u64;
-        write_header(&self.areas, area, ty, sector);
+        // SAFETY: `take_id` returns what `next_id` of the core queue returned.
+        unsafe { self.areas.write_header(id, ty, sector, kind == RequestKind::GetId) };
         let write = kind == RequestKind::Write;
         let (readable, writable) = (&mut self.readable, &mut self.writable);
         readable.clear();
         writable.clear();
-        readable.push(Buffer::new(iova + A_HDR as u64, HEADER_LEN as u32));
+        readable.push(Buffer::new(self.areas.header_iova(id), HEADER_LEN as u32));
         let dir = if write { &mut *readable } else { &mut *writable };
         match data {
             Data::None => {}
@@ -204,13 +184,13 @@ impl<T: Transport> BlkQueue<T> {
             Data::Many(bufs) => dir.extend(bufs.iter().map(|b| Buffer::new(b.iova(), b.len() as u32))),
         }
         if let Some((s, n, flags)) = segment {
-            self.areas.write_bytes(area + A_SEG, &seg_bytes(s, n, flags));
-            readable.push(Buffer::new(iova + A_SEG as u64, SEGMENT_LEN as u32));
+            let iova = self.areas.write_segment(id, &seg_bytes(s, n, flags));
+            readable.push(Buffer::new(iova, SEGMENT_LEN as u32));
         }
         if kind == RequestKind::GetId {
-            writable.push(Buffer::new(iova + A_ID as u64, ID_LEN as u32));
+            writable.push(Buffer::new(self.areas.id_iova(id), ID_LEN as u32));
         }
-        writable.push(Buffer::new(iova + A_STATUS as u64, 1));
+        writable.push(Buffer::new(self.areas.status_iova(id), 1));
         if let Err(e) = self.vq.add(readable, writable, id) {
             return Err(Self::refused(e.error, ()).error);
         }
