@@ -672,6 +672,15 @@ mod tests {
             assert_eq!(m.read_le_u64(bad), None, "{bad}");
         }
         assert_eq!(m.read_le_u64(0), Some(0), "nothing written by the refused stores");
+        // The unchecked accessors are the same words (the last one of the window included).
+        // SAFETY: offsets 8-aligned with the word inside the 64-byte window.
+        unsafe {
+            m.write_le_u64_unchecked(56, 0x1122_3344_5566_7788);
+            assert_eq!(m.read_le_u64_unchecked(8), 0x0102_0304_0506_0708);
+        }
+        let mut b = [0u8; 8];
+        assert!(m.read_bytes(56, &mut b));
+        assert_eq!(b, [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
     }
 
     #[test]
