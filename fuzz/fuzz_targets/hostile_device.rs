@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue_core::device::AvailChain;
 use virtio_queue_core::Buffer;
 use virtio_queue_core::{DeviceError, DriverQueue, Error};
-use vq_fuzz::{expected_add, with_queue, AddSpec, Dev, FramedSpec, Parts};
+use vq_fuzz::{expected_add, expected_add_framed, with_queue, AddSpec, Dev, FramedSpec, Parts};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -150,7 +150,11 @@ fn add_framed(p: &mut Parts<'_>, m: &mut Model, spec: &FramedSpec) {
 fn add_chain(p: &mut Parts<'_>, m: &mut Model, r: &[Buffer], w: &[Buffer], framed: Option<(Buffer, bool)>) {
     let token = m.next_token;
     m.next_token = m.next_token.wrapping_add(1);
-    let expected = expected_add(&p.cfg, r, w, u32::from(p.cfg.size) - m.units(), m.outstanding.len() as u32);
+    let (free, in_flight) = (u32::from(p.cfg.size) - m.units(), m.outstanding.len() as u32);
+    let expected = match framed {
+        Some(_) => expected_add_framed(&p.cfg, r, w, free, in_flight),
+        None => expected_add(&p.cfg, r, w, free, in_flight),
+    };
     let res = match framed {
         Some((data, writable)) => p.q.add_framed(data, writable, token),
         None => p.q.add(r, w, token),

@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue_core::device::{AvailChain, DescInfo};
 use virtio_queue_core::Buffer;
 use virtio_queue_core::DriverQueue;
-use vq_fuzz::{expected_add, expected_descs, with_queue, AddSpec, FramedSpec, Parts};
+use vq_fuzz::{expected_add, expected_add_framed, expected_descs, with_queue, AddSpec, FramedSpec, Parts};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -122,7 +122,10 @@ fn add_chain(p: &mut Parts<'_>, m: &mut Model, r: &[Buffer], w: &[Buffer], frame
     let token = m.next_token;
     m.next_token = m.next_token.wrapping_add(1);
     let free = u32::from(p.cfg.size) - m.used_units();
-    let expected = expected_add(&p.cfg, &r, &w, free, m.outstanding.len() as u32);
+    let expected = match framed {
+        Some(_) => expected_add_framed(&p.cfg, &r, &w, free, m.outstanding.len() as u32),
+        None => expected_add(&p.cfg, &r, &w, free, m.outstanding.len() as u32),
+    };
     let before = if expected.is_err() { Some((p.snapshot(), p.q.in_flight(), p.q.free_descriptors())) } else { None };
     let res = match framed {
         Some((data, writable)) => p.q.add_framed(data, writable, token),

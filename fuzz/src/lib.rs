@@ -32,6 +32,9 @@ pub struct Cfg {
     pub in_order: bool,
     /// Entries per indirect table when INDIRECT_DESC is negotiated.
     pub indirect: Option<u16>,
+    /// Framed chains straight into the ring even where the tables would hold
+    /// them (`set_framed_chains_indirect(false)`).
+    pub framed_direct: bool,
 }
 
 impl<'a> Arbitrary<'a> for Cfg {
@@ -41,7 +44,8 @@ impl<'a> Arbitrary<'a> for Cfg {
         let event_idx = u.arbitrary()?;
         let in_order = u.arbitrary()?;
         let indirect = if u.arbitrary()? { Some(u.int_in_range(1..=8u16)?) } else { None };
-        Ok(Cfg { packed, size, event_idx, in_order, indirect })
+        let framed_direct = u.arbitrary()?;
+        Ok(Cfg { packed, size, event_idx, in_order, indirect, framed_direct })
     }
 }
 
@@ -172,6 +176,22 @@ pub fn expected_add(
     }
 }
 
+/// What `add_framed` must do with the chain `readable` + `writable` (its
+/// id's header, the data and its id's status): as [`expected_add`], except
+/// that with `cfg.framed_direct` the chain goes straight into the ring while
+/// three descriptors (positions) are free, tables or not.
+pub fn expected_add_framed(
+    cfg: &Cfg,
+    readable: &[Buffer],
+    writable: &[Buffer],
+    free_units: u32,
+    in_flight: u32,
+) -> core::result::Result<(bool, u16), Vec<Error>> {
+    let in_ring = Cfg { indirect: None, ..*cfg };
+    let cfg = if cfg.framed_direct && free_units >= 3 { &in_ring } else { cfg };
+    expected_add(cfg, readable, writable, free_units, in_flight)
+}
+
 /// Either device model.
 pub enum Dev<'a> {
     Split(SplitDevice<'a>),
@@ -273,6 +293,9 @@ pub fn with_queue<R>(cfg: Cfg, f: impl FnOnce(&mut Parts<'_>) -> R) -> R {
     )
     .expect("valid queue configuration");
     q.set_chain_frame(FRAME).expect("the frame fits every queue size");
+    if cfg.framed_direct {
+        q.set_framed_chains_indirect(false).expect("the ring's layout needs no tables");
+    }
     assert_eq!(q.layout(), layout);
     assert_eq!(q.queue_size(), cfg.size);
     let dcfg = DeviceConfig { layout, ring, features, memory: &regions };

@@ -233,6 +233,11 @@ pub struct BenchArgs {
     /// (EVENT_IDX) to signal once half of the requests in flight have completed.
     #[arg(long)]
     pub no_batch_completions: bool,
+    /// With INDIRECT negotiated, put every request into an indirect table. By default a
+    /// request takes three ring descriptors instead when the queue holds three per request
+    /// in flight (BlkQueue::set_direct_descriptors), which devices serve faster.
+    #[arg(long)]
+    pub all_indirect: bool,
     /// Print one JSON object on stdout instead of text, and no progress.
     #[arg(long)]
     pub json: bool,

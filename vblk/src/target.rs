@@ -84,11 +84,11 @@ impl Target {
 
 impl TargetArgs {
     /// The queue size to negotiate: `--queue-size`, else the default raised to fit `depth`
-    /// requests (each takes one descriptor with indirect tables, three without).
+    /// requests of three descriptors (direct; with indirect tables a request needs one, and
+    /// the device may offer less than asked).
     pub fn queue_size_for(&self, depth: u16) -> u16 {
         self.queue_size.unwrap_or_else(|| {
-            let per_request = if self.no_indirect { 3 } else { 1 };
-            let need = (u32::from(depth) * per_request).next_power_of_two().clamp(u32::from(DEFAULT_QUEUE_SIZE), 32768);
+            let need = (u32::from(depth) * 3).next_power_of_two().clamp(u32::from(DEFAULT_QUEUE_SIZE), 32768);
             need as u16
         })
     }

@@ -78,6 +78,9 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// with the same comparison that checks the length.
     framed_fast_direct: u32,
     framed_fast_indirect: u32,
+    /// Whether framed chains go into indirect tables (see
+    /// [`set_framed_chains_indirect`](PackedQueue::set_framed_chains_indirect)).
+    framed_indirect: bool,
     /// Ring positions at which a direct framed chain fits before the end of
     /// the ring: `size - 2` (none below a size of 3).
     framed_end: u16,
@@ -137,6 +140,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             frame: Frame::NONE,
             framed_fast_direct: 0,
             framed_fast_indirect: 0,
+            framed_indirect: indirect.entries() >= 3,
             framed_end: config.queue_size.saturating_sub(2),
             frame_generation: 1,
         })
@@ -244,6 +248,18 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// On error nothing changed and the token comes back in the [`AddError`].
     #[inline]
     pub fn add(&mut self, readable: &[Buffer], writable: &[Buffer], token: T) -> Result<(), AddError<T>> {
+        self.add_into(readable, writable, token, true)
+    }
+
+    /// [`add`](Self::add), with the indirect tables used only if `tables`.
+    #[inline(always)]
+    fn add_into(
+        &mut self,
+        readable: &[Buffer],
+        writable: &[Buffer],
+        token: T,
+        tables: bool,
+    ) -> Result<(), AddError<T>> {
         if let Some(e) = self.broken {
             return Err(AddError { error: Error::Broken(e), token });
         }
@@ -251,7 +267,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         if n == 0 {
             return Err(AddError { error: Error::EmptyChain, token });
         }
-        if n > 1 && n <= self.indirect.entries() as usize {
+        if tables && n > 1 && n <= self.indirect.entries() as usize {
             // Enough free positions also means a free buffer ID: every chain
             // in flight occupies at least one position, so with one position
             // free fewer than `size` chains (IDs) are in flight.
@@ -331,11 +347,33 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     }
 
     /// Whether framed chains go into indirect tables (one ring position
-    /// each): the queue has tables of three or more entries. Else they take
-    /// three ring positions. Fixed when the queue is built.
+    /// each) rather than straight into the ring (three): by default when the
+    /// queue has tables of three or more entries (see
+    /// [`set_framed_chains_indirect`](Self::set_framed_chains_indirect)).
     #[inline(always)]
     pub fn framed_chains_indirect(&self) -> bool {
-        self.indirect.entries() >= 3
+        self.framed_indirect
+    }
+
+    /// Chooses where framed chains go on a queue with indirect tables of
+    /// three or more entries: into their id's table (`true`, the default: one
+    /// ring position each, so the ring holds as many framed chains as it has
+    /// entries) or straight into the ring (`false`: three positions each, which
+    /// a device reads without the extra lookup of a table; a framed chain
+    /// goes into a table only while fewer than three positions are free, so the
+    /// ring then holds about a third as many). `true` on a queue without such
+    /// tables fails with [`LayoutError::IndirectTablesTooSmall`]. May be
+    /// called at any time; chains in flight keep their layout.
+    ///
+    /// Straight into the ring, a framed chain that would cross the end of the
+    /// ring is written across it (as `add` writes a chain without a table).
+    pub fn set_framed_chains_indirect(&mut self, on: bool) -> Result<(), LayoutError> {
+        if on && self.indirect.entries() < 3 {
+            return Err(LayoutError::IndirectTablesTooSmall);
+        }
+        self.framed_indirect = on;
+        self.open_framed();
+        Ok(())
     }
 
     /// Adds the framed chain of the buffer ID [`next_id`](Self::next_id)
@@ -343,13 +381,16 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// `data_writable`) and that id's status (device-writable), as set with
     /// [`set_chain_frame`](Self::set_chain_frame). The same chain as
     /// [`add`](Self::add) with those three buffers, with the same errors (and
-    /// [`Error::NoChainFrame`] without a frame), in the same ring positions
-    /// (one, pointing at the ID's indirect table, when the tables hold three
-    /// descriptors; else three), but cheaper: no buffer slices and no checks
-    /// of the fixed ends.
+    /// [`Error::NoChainFrame`] without a frame), but cheaper: no buffer slices
+    /// and no checks of the fixed ends. It takes one ring position pointing
+    /// at the ID's indirect table while
+    /// [`framed_chains_indirect`](Self::framed_chains_indirect), as `add`
+    /// would; else three positions straight in the ring, or, while fewer than
+    /// three are free, a table as `add` would.
     ///
     /// Direct, the three descriptors are written straight into the ring; a
-    /// chain that would cross the end of the ring goes through `add`.
+    /// chain that would cross the end of the ring is written across it
+    /// through the slow path.
     /// Indirect, the ID's table keeps the header and status entries (0 and 2)
     /// while its slot records the current frame generation: only `add`
     /// writes a table, and it clears that record; `set_chain_frame` moves the
@@ -478,10 +519,13 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         // using the buffers.
         let id = self.slots.free_head();
         let (h, s) = (self.frame.header(id), self.frame.status(id));
+        // Straight into the ring while three positions are free, even across
+        // its end; else (or with the tables' layout) as `add` puts it.
+        let tables = self.framed_indirect || self.free_positions < 3;
         if data_writable {
-            self.add(&[h], &[data, s], token)
+            self.add_into(&[h], &[data, s], token, tables)
         } else {
-            self.add(&[h, data], &[s], token)
+            self.add_into(&[h, data], &[s], token, tables)
         }
     }
 

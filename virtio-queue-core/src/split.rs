@@ -123,6 +123,9 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// comparison that checks the length.
     framed_fast_direct: u32,
     framed_fast_indirect: u32,
+    /// Whether framed chains go into indirect tables (see
+    /// [`set_framed_chains_indirect`](SplitQueue::set_framed_chains_indirect)).
+    framed_indirect: bool,
     /// Where framed chains keep their header and status ([`Frame::NONE`]
     /// until [`set_chain_frame`](SplitQueue::set_chain_frame)).
     frame: Frame,
@@ -190,6 +193,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             frame: Frame::NONE,
             framed_fast_direct: 0,
             framed_fast_indirect: 0,
+            framed_indirect: indirect.entries() >= 3,
             // Epoch 1 (`added` is 0).
             frame_offset: u64::MAX,
         })
@@ -425,11 +429,36 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     }
 
     /// Whether framed chains go into indirect tables (one ring descriptor
-    /// each): the queue has tables of three or more entries. Else they take
-    /// three ring descriptors. Fixed when the queue is built.
+    /// each) rather than straight into the ring (three): by default when the
+    /// queue has tables of three or more entries (see
+    /// [`set_framed_chains_indirect`](Self::set_framed_chains_indirect)).
     #[inline(always)]
     pub fn framed_chains_indirect(&self) -> bool {
-        self.indirect.entries() >= 3
+        self.framed_indirect
+    }
+
+    /// Chooses where framed chains go on a queue with indirect tables of
+    /// three or more entries: into their id's table (`true`, the default: one
+    /// ring descriptor each, so the ring holds as many framed chains as it has
+    /// entries) or straight into the ring (`false`: three descriptors each, which
+    /// a device reads without the extra lookup of a table; a framed chain
+    /// goes into a table only while fewer than three descriptors are free, so the
+    /// ring then holds about a third as many). `true` on a queue without such
+    /// tables fails with [`LayoutError::IndirectTablesTooSmall`]. May be
+    /// called at any time; chains in flight keep their layout.
+    pub fn set_framed_chains_indirect(&mut self, on: bool) -> Result<(), LayoutError> {
+        if on && self.indirect.entries() < 3 {
+            return Err(LayoutError::IndirectTablesTooSmall);
+        }
+        self.framed_indirect = on;
+        // A slot's frame epoch means "this layout's fixed parts are in place":
+        // a new layout starts a new epoch.
+        self.frame_offset = self.frame_offset.wrapping_sub(1);
+        if self.frame_epoch() >= FRAME_EPOCH_RESTART {
+            self.restart_frame_epoch();
+        }
+        self.open_framed();
+        Ok(())
     }
 
     /// Adds the framed chain of the id [`next_id`](Self::next_id) names: that
@@ -437,9 +466,11 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// `data_writable`) and that id's status (device-writable), as set with
     /// [`set_chain_frame`](Self::set_chain_frame). The same chain as
     /// [`add`](Self::add) with those three buffers, with the same errors
-    /// (and [`Error::NoChainFrame`] without a frame), and the same ring
-    /// descriptors taken (one, its head's indirect table, when the tables
-    /// hold three descriptors; else three), but cheaper.
+    /// (and [`Error::NoChainFrame`] without a frame), but cheaper. It takes
+    /// one ring descriptor and its head's indirect table while
+    /// [`framed_chains_indirect`](Self::framed_chains_indirect), as `add`
+    /// would; else three descriptors straight in the ring, or, while fewer
+    /// than three are free, a table as `add` would.
     ///
     /// # Frame invariant
     ///

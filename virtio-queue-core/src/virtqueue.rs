@@ -178,6 +178,15 @@ impl<'a, T, S: SlotStorage<T>> Virtqueue<'a, T, S> {
             Virtqueue::Packed(q) => q.framed_chains_indirect(),
         }
     }
+
+    /// Chooses where framed chains go ([`SplitQueue::set_framed_chains_indirect`],
+    /// [`PackedQueue::set_framed_chains_indirect`]).
+    pub fn set_framed_chains_indirect(&mut self, on: bool) -> Result<(), LayoutError> {
+        match self {
+            Virtqueue::Split(q) => q.set_framed_chains_indirect(on),
+            Virtqueue::Packed(q) => q.set_framed_chains_indirect(on),
+        }
+    }
 }
 
 macro_rules! dispatch {

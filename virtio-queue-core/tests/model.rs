@@ -13,8 +13,8 @@ use std::collections::{HashMap, VecDeque};
 use proptest::prelude::*;
 use virtio_queue_core::device::{AvailChain, DeviceConfig, MemoryRegion, PackedDevice, SplitDevice};
 use virtio_queue_core::{
-    Buffer, ChainFrame, DriverQueue, Error, IndirectTables, QueueConfig, RingFeatures, RingFormat, RingLayout,
-    SharedLine, SharedMemory, Slot, UsedDelay, Virtqueue,
+    Buffer, ChainFrame, DriverQueue, Error, IndirectTables, LayoutError, QueueConfig, RingFeatures, RingFormat,
+    RingLayout, SharedLine, SharedMemory, Slot, UsedDelay, Virtqueue,
 };
 
 const TABLE_IOVA: u64 = 0x4000_0000;
@@ -85,6 +85,9 @@ struct Config {
     event_idx: bool,
     indirect: Option<u16>,
     in_order: bool,
+    /// Framed chains straight into the ring even with tables that would
+    /// hold them (`set_framed_chains_indirect(false)`).
+    framed_direct: bool,
 }
 
 /// Longest random sequence.
@@ -94,13 +97,22 @@ const MAX_SPLIT_LOG: u32 = 7;
 const MAX_PACKED: u16 = 40;
 
 fn config() -> impl Strategy<Value = Config> {
-    (any::<bool>(), 0u32..MAX_SPLIT_LOG, 1u16..MAX_PACKED, any::<bool>(), prop::option::of(2u16..6), any::<bool>())
-        .prop_map(|(packed, log, psize, event_idx, indirect, in_order)| Config {
+    (
+        any::<bool>(),
+        0u32..MAX_SPLIT_LOG,
+        1u16..MAX_PACKED,
+        any::<bool>(),
+        prop::option::of(2u16..6),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(packed, log, psize, event_idx, indirect, in_order, framed_direct)| Config {
             format: if packed { RingFormat::Packed } else { RingFormat::Split },
             size: if packed { psize } else { 1 << log },
             event_idx,
             indirect,
             in_order,
+            framed_direct,
         })
 }
 
@@ -150,6 +162,14 @@ fn run(cfg: Config, ops: &[Op]) {
     )
     .unwrap();
     q.set_chain_frame(FRAME).unwrap();
+    let tables_hold_framed = cfg.indirect.is_some_and(|e| e >= 3);
+    assert_eq!(q.framed_chains_indirect(), tables_hold_framed);
+    if cfg.framed_direct {
+        q.set_framed_chains_indirect(false).unwrap();
+        assert!(!q.framed_chains_indirect());
+    } else if !tables_hold_framed {
+        assert_eq!(q.set_framed_chains_indirect(true), Err(LayoutError::IndirectTablesTooSmall));
+    }
     let dcfg = DeviceConfig { layout, ring, features, memory: &regions };
     let mut dev = match cfg.format {
         RingFormat::Split => Dev::Split(SplitDevice::new(dcfg).unwrap()),
@@ -201,9 +221,12 @@ fn run(cfg: Config, ops: &[Op]) {
                     _ => unreachable!(),
                 };
                 let n = r.len() + w.len();
-                let use_indirect = cfg.indirect.is_some_and(|e| n > 1 && n <= e as usize);
-                let need = if use_indirect { 1 } else { n as u16 };
                 let free = cfg.size - used_ring_descs;
+                // A framed chain in the ring's layout goes into a table only
+                // while fewer than three descriptors (positions) are free.
+                let framed_in_ring = framed.is_some() && cfg.framed_direct && free >= 3;
+                let use_indirect = cfg.indirect.is_some_and(|e| n > 1 && n <= e as usize) && !framed_in_ring;
+                let need = if use_indirect { 1 } else { n as u16 };
                 let ids_full = cfg.format == RingFormat::Packed && in_flight == cfg.size;
                 let expected = if n == 0 {
                     Err(Error::EmptyChain)
@@ -449,10 +472,10 @@ fn every_feature_combination() {
     for format in [RingFormat::Split, RingFormat::Packed] {
         for size in [1u16, 4, 8] {
             for event_idx in [false, true] {
-                for indirect in [None, Some(4)] {
+                for (indirect, framed_direct) in [(None, false), (Some(4), false), (Some(4), true)] {
                     for in_order in [false, true] {
                         let size = if format == RingFormat::Packed && size == 8 { 7 } else { size };
-                        run(Config { format, size, event_idx, indirect, in_order }, &ops);
+                        run(Config { format, size, event_idx, indirect, in_order, framed_direct }, &ops);
                     }
                 }
             }
@@ -631,18 +654,24 @@ fn chain_frames_are_checked_against_the_queue() {
 /// the ring), a new frame and plain `add`s in between (which write the same
 /// descriptors and tables) must not leave the device stale descriptors. With
 /// tables of three or more entries a framed chain is indirect and takes one
-/// ring descriptor, as `add` would make it; with smaller ones, three.
+/// ring descriptor, as `add` would make it; with smaller ones, or with the
+/// ring's layout chosen (switched back and forth here), three.
 #[test]
 fn framed_chains_survive_reset_frame_changes_and_plain_adds() {
     for (format, indirect) in [RingFormat::Split, RingFormat::Packed]
         .into_iter()
         .flat_map(|f| [None, Some(2), Some(3), Some(8)].map(|i| (f, i)))
     {
-        let in_table = indirect.is_some_and(|e| e >= 3);
+        let tables = indirect.is_some_and(|e| e >= 3);
         with_queue(format, indirect, |q, dev, new_dev| {
             let mut frame = FRAME;
             q.set_chain_frame(frame).unwrap();
+            let mut in_table = tables;
             for round in 0..40u32 {
+                if tables && round % 10 == 5 {
+                    in_table = !in_table;
+                    q.set_framed_chains_indirect(in_table).unwrap();
+                }
                 match round % 10 {
                     3 => {
                         // As after a device reset: the ring is zeroed on both sides.

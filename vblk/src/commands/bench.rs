@@ -332,6 +332,8 @@ struct Report {
     queues: u16,
     interrupt: bool,
     batch_completions: bool,
+    /// Every queue put one-buffer requests straight into the ring.
+    direct_descriptors: bool,
     runtime_s: f64,
     total: Outcome,
     cpu_ns_per_io: f64,
@@ -373,6 +375,7 @@ impl Report {
             "queues": self.queues,
             "mode": self.mode(),
             "batch_completions": self.batch_completions,
+            "direct_descriptors": self.direct_descriptors,
             "runtime_s": self.runtime_s,
             "ios": self.total.ios,
             "read_ios": self.total.reads,
@@ -439,7 +442,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     // The embedded RAM disk holds at least the range asked for.
     let ram = a.size.map_or(0, |s| a.offset.saturating_add(s)).max(vblk::server::DEFAULT_RAM_SIZE);
     let mut t = target::open(&a.target, ram, a.target.queue_size_for(a.iodepth))?;
-    let queues = t.queues();
+    let mut queues = t.queues();
     let dev = &t.dev;
     let cap = dev.capacity();
     let bsz = u64::from(dev.block_size());
@@ -481,6 +484,13 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             q.queue_size()
         ));
     }
+    // Direct descriptors where the ring holds three per request in flight (see
+    // `BlkQueue::set_direct_descriptors`): the device then reads no indirect tables.
+    for q in &mut queues {
+        let room = depth * 3 <= usize::from(q.queue_size());
+        q.set_direct_descriptors(room && !a.all_indirect);
+    }
+    let direct_descriptors = queues.iter().all(|q| q.direct_descriptors());
     let mut workers = Vec::with_capacity(queues.len());
     for (i, q) in queues.into_iter().enumerate() {
         let bs = usize::try_from(a.bs).map_err(|_| "--bs is too large".to_string())?;
@@ -576,6 +586,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         queues: nq,
         interrupt: a.interrupt,
         batch_completions: a.interrupt && !a.no_batch_completions,
+        direct_descriptors,
         runtime_s: runtime.as_secs_f64(),
         total,
         cpu_ns_per_io,

@@ -360,6 +360,32 @@ impl<T: Transport> BlkQueue<T> {
         self.vq.queue_size()
     }
 
+    /// Puts one-buffer reads and writes straight into the ring (`true`:
+    /// three descriptors each) instead of into their indirect tables
+    /// (`false`, the default with INDIRECT negotiated: one descriptor each).
+    ///
+    /// A device reads a direct chain without the extra lookup of a table:
+    /// `vblk bench` against `vblk serve`, 4 KiB random reads at queue depth
+    /// 32, polling, measured 0.98× the reference driver's IOPS direct and
+    /// 0.91× through tables (2026-12-05, medians of 6 alternating runs). The
+    /// price is ring capacity: a request still goes into a table while fewer
+    /// than three descriptors are free, but a full ring of direct requests
+    /// holds about a third as many, so size the queue to three descriptors
+    /// per request in flight (`BlkOptions::queue_size`). Without INDIRECT
+    /// every request is direct and this changes nothing; requests in flight
+    /// keep their layout.
+    pub fn set_direct_descriptors(&mut self, on: bool) {
+        // The only failure is "no tables that hold a one-buffer request",
+        // where requests are direct already.
+        let _ = self.vq.set_framed_chains_indirect(!on);
+    }
+
+    /// Whether one-buffer reads and writes go straight into the ring (see
+    /// [`BlkQueue::set_direct_descriptors`]).
+    pub fn direct_descriptors(&self) -> bool {
+        !self.vq.framed_chains_indirect()
+    }
+
     /// Split or packed.
     pub fn format(&self) -> RingFormat {
         self.vq.layout().format()
