@@ -48,7 +48,8 @@ const RUN_GRACE: Duration = Duration::from_secs(60);
 
 const USAGE: &str = "\
 usage: cargo xtask compare [--runs N] [--runtime S] [--only uvirtio|ref] [--backend qsd,serve]
-                           [--depths 1,32,128] [--modes poll,interrupt] [--ref-packed] [--no-pin] [--json]";
+                           [--depths 1,32,128] [--modes poll,interrupt] [--ref-packed] [--no-pin] [--json]
+                           [--vblk-arg ARG]...";
 
 /// CPUs for `--pin` (the default): the driver on one, the back-end on the other.
 const DRIVER_CPU: u32 = 0;
@@ -132,6 +133,9 @@ pub(crate) struct Options {
     /// and sometimes not, which makes QD1 figures bimodal (3 vs 10 µs).
     pin: bool,
     json: bool,
+    /// Extra arguments for every `vblk bench` run (`--vblk-arg`, repeatable), to compare a
+    /// variant such as `--all-indirect` against the reference.
+    vblk_args: Vec<String>,
 }
 
 /// Parses the arguments after `compare`.
@@ -146,6 +150,7 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
         ref_packed: false,
         pin: true,
         json: false,
+        vblk_args: Vec::new(),
     };
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
@@ -206,6 +211,13 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
                         other => Err(format!("--modes: `{other}` is neither poll nor interrupt")),
                     })
                     .collect::<Result<Vec<_>>>()?;
+            }
+            "--vblk-arg" => {
+                let v = value()?;
+                if !v.starts_with("--") {
+                    return Err(format!("--vblk-arg `{v}`: give a `vblk bench` option, such as --all-indirect"));
+                }
+                o.vblk_args.push(v);
             }
             "--ref-packed" if inline.is_none() => o.ref_packed = true,
             "--no-pin" if inline.is_none() => o.pin = false,
@@ -792,6 +804,9 @@ pub(crate) fn compare(root: &Path, args: &[String]) -> Result {
                         if driver == Driver::Ref && opts.ref_packed {
                             bench_args.push("--packed".into());
                         }
+                        if driver == Driver::Uvirtio {
+                            bench_args.extend(opts.vblk_args.iter().cloned());
+                        }
                         let cmd = Cmd::new(&program, bench_args);
                         let cmd = if opts.pin { pinned(cmd, DRIVER_CPU) } else { cmd };
                         eprint!(
@@ -979,6 +994,11 @@ mod tests {
         assert!(a(&["--runs", "0"]).is_err());
         assert!(a(&["--only", "fio"]).is_err());
         assert!(a(&["--bogus"]).is_err());
+        assert_eq!(
+            a(&["--vblk-arg=--all-indirect", "--vblk-arg", "--split"]).unwrap().vblk_args,
+            ["--all-indirect", "--split"]
+        );
+        assert!(a(&["--vblk-arg", "all-indirect"]).is_err());
     }
 
     #[test]

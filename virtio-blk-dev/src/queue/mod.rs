@@ -364,11 +364,14 @@ impl<T: Transport> BlkQueue<T> {
     /// three descriptors each) instead of into their indirect tables
     /// (`false`, the default with INDIRECT negotiated: one descriptor each).
     ///
-    /// A device reads a direct chain without the extra lookup of a table:
-    /// `vblk bench` against `vblk serve`, 4 KiB random reads at queue depth
-    /// 32, polling, measured 0.98× the reference driver's IOPS direct and
-    /// 0.91× through tables (2026-12-05, medians of 6 alternating runs). The
-    /// price is ring capacity: a request still goes into a table while fewer
+    /// A device reads a direct chain without the extra lookup of a table.
+    /// How much that matters depends on the device: `vblk bench` against
+    /// `vblk serve`, 4 KiB random reads at queue depth 32 and 128, measured
+    /// 0.96–0.99× the reference driver's IOPS direct and 0.86–0.93× through
+    /// tables, while qemu-storage-daemon did 0.92–0.93× direct and 0.96–0.97×
+    /// through tables in poll mode (2026-12-05, `cargo xtask compare --depths
+    /// 32,128 --runs 6 --runtime 1`, with and without `--vblk-arg
+    /// --all-indirect`; see the crate README). The price is ring capacity: a request still goes into a table while fewer
     /// than three descriptors are free, but a full ring of direct requests
     /// holds about a third as many, so size the queue to three descriptors
     /// per request in flight (`BlkOptions::queue_size`). Without INDIRECT
