@@ -197,17 +197,20 @@ impl CompletionEvent {
             None => self.build_epoll()?,
         };
         let deadline = timeout.map(|t| Instant::now() + t);
+        // Round up so a short wait does not become a busy loop.
+        let ms_of = |left: Duration| left.as_nanos().div_ceil(1_000_000).min(libc::c_int::MAX as u128) as libc::c_int;
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        // The first round sleeps for `timeout` as given (the deadline was just
+        // computed from it); later ones, after a signal handler ran, for what
+        // is left.
+        let mut first = true;
         loop {
-            let ms: libc::c_int = match deadline {
-                None => -1,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    // Round up so a short wait does not become a busy loop.
-                    let ms = left.as_nanos().div_ceil(1_000_000);
-                    ms.min(libc::c_int::MAX as u128) as libc::c_int
-                }
+            let ms: libc::c_int = match (timeout, deadline) {
+                (Some(t), _) if first => ms_of(t),
+                (_, Some(d)) => ms_of(d.saturating_duration_since(Instant::now())),
+                _ => -1,
             };
+            first = false;
             // SAFETY: `events` is a live array of 2 epoll_events, and 2 is its length.
             let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as libc::c_int, ms) };
             if n < 0 {

@@ -33,7 +33,8 @@ impl<T: Transport> BlkQueue<T> {
                 self.ready.push_back(c);
                 continue;
             }
-            if self.sleep_for_completion(false, deadline) == Slept::TimedOut {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if self.sleep_for_completion(false, left) == Slept::TimedOut {
                 // The ring was re-checked after the notification was
                 // requested; nothing came before the deadline.
                 let why = format!("no completion within {:?}", self.io_timeout.unwrap_or_default());

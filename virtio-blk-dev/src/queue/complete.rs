@@ -240,6 +240,9 @@ impl<T: Transport> BlkQueue<T> {
     /// [`BlkError::Transport`] error.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Option<Completion> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        // The first sleep takes `timeout` as it is (the deadline was just
+        // computed from it): a wait that sleeps once reads the clock once.
+        let mut first = true;
         loop {
             if let Some(c) = self.poll() {
                 self.vq.disable_used_notifications();
@@ -248,7 +251,11 @@ impl<T: Transport> BlkQueue<T> {
             if self.vq.in_flight() == 0 {
                 return None;
             }
-            if self.sleep_for_completion(self.batch_completions, deadline) == Slept::TimedOut {
+            let left = match std::mem::take(&mut first) {
+                true => timeout,
+                false => deadline.map(|d| d.saturating_duration_since(Instant::now())),
+            };
+            if self.sleep_for_completion(self.batch_completions, left) == Slept::TimedOut {
                 let c = self.poll();
                 self.vq.disable_used_notifications();
                 return c;
@@ -262,7 +269,7 @@ impl<T: Transport> BlkQueue<T> {
     /// or a failed wait completes everything in flight (`fail_all`): the
     /// caller's next poll sees it. Only a deadline that passes gives
     /// [`Slept::TimedOut`].
-    pub(super) fn sleep_for_completion(&mut self, delayed: bool, deadline: Option<Instant>) -> Slept {
+    pub(super) fn sleep_for_completion(&mut self, delayed: bool, left: Option<Duration>) -> Slept {
         let armed = if delayed {
             self.vq.enable_used_notifications_delayed_by(UsedDelay::Half)
         } else {
@@ -276,7 +283,6 @@ impl<T: Transport> BlkQueue<T> {
                 return Slept::Ready;
             }
         }
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         self.waits += 1;
         match self.event.wait(left) {
             Ok(Wait::Signalled) => Slept::Ready,
