@@ -488,6 +488,46 @@ pub(crate) fn median_figures(runs: &[Figures]) -> Option<Figures> {
 /// One configuration: back-end, depth, mode.
 type Config = (Backend, u16, Mode);
 
+/// The ratios uvirtio/ref of one figure over the pairs of runs made one after the other (run
+/// `i` of each driver): median, lowest, highest. On a machine whose speed drifts between
+/// minutes, a pair sees the same state, so the spread says how far one comparison can be
+/// trusted; the ratio of the medians alone does not.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct PairRatios {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+/// [`PairRatios`] of `figure` from the runs of each driver, keyed by run index; `None` without a
+/// complete pair.
+pub(crate) fn pair_ratios(
+    uvirtio: &BTreeMap<usize, Figures>,
+    reference: &BTreeMap<usize, Figures>,
+    figure: fn(&Figures) -> f64,
+) -> Option<PairRatios> {
+    let ratios: Vec<f64> = uvirtio
+        .iter()
+        .filter_map(|(i, u)| reference.get(i).map(|r| figure(u) / figure(r)))
+        .filter(|x| x.is_finite())
+        .collect();
+    Some(PairRatios {
+        median: median(&ratios)?,
+        min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    })
+}
+
+/// One row of the table: a configuration, each driver's medians, and the paired IOPS and CPU
+/// ratios.
+pub(crate) struct Row {
+    config: Config,
+    uvirtio: Option<Figures>,
+    reference: Option<Figures>,
+    iops_pairs: Option<PairRatios>,
+    cpu_pairs: Option<PairRatios>,
+}
+
 /// One run, kept for `--json`.
 struct Run {
     config: Config,
@@ -511,8 +551,9 @@ pub(crate) fn verdict(depth: u16, mode: Mode, uvirtio: &Figures, reference: &Fig
     }
 }
 
-/// The markdown table of medians.
-pub(crate) fn table(rows: &[(Config, Option<Figures>, Option<Figures>)]) -> String {
+/// The markdown table of medians, with the paired ratios' median and range beside the ratios
+/// of the medians.
+pub(crate) fn table(rows: &[Row]) -> String {
     let us = |ns: f64| format!("{:.1}", ns / 1000.0);
     let cell = |f: &Option<Figures>, g: &dyn Fn(&Figures) -> String| f.as_ref().map_or_else(|| "-".into(), g);
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -521,23 +562,28 @@ pub(crate) fn table(rows: &[(Config, Option<Figures>, Option<Figures>)]) -> Stri
     };
     let mut out = String::new();
     out.push_str(
-        "| back-end | QD | mode | IOPS uvirtio | IOPS ref | IOPS ratio | p50 µs uvirtio | p50 µs ref \
-         | p99 µs uvirtio | p99 µs ref | CPU ns/IO uvirtio | CPU ns/IO ref | CPU ratio | target |\n",
+        "| back-end | QD | mode | IOPS uvirtio | IOPS ref | IOPS ratio | IOPS ratio, pairs | p50 µs uvirtio \
+         | p50 µs ref | p99 µs uvirtio | p99 µs ref | CPU ns/IO uvirtio | CPU ns/IO ref | CPU ratio \
+         | CPU ratio, pairs | target |\n",
     );
-    out.push_str("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n");
-    for ((backend, depth, mode), u, r) in rows {
+    out.push_str("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n");
+    let pairs = |p: &Option<PairRatios>| {
+        p.map_or_else(|| "-".into(), |p| format!("{:.2} ({:.2}–{:.2})", p.median, p.min, p.max))
+    };
+    for Row { config: (backend, depth, mode), uvirtio: u, reference: r, iops_pairs, cpu_pairs } in rows {
         let target = match (u, r) {
             (Some(u), Some(r)) => verdict(*depth, *mode, u, r),
             _ => "-",
         };
         let _ = writeln!(
             out,
-            "| {} | {depth} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {target} |",
+            "| {} | {depth} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {target} |",
             backend.name(),
             mode.name(),
             cell(u, &|f| format!("{:.0}", f.iops)),
             cell(r, &|f| format!("{:.0}", f.iops)),
             ratio(u.map(|f| f.iops), r.map(|f| f.iops)),
+            pairs(iops_pairs),
             cell(u, &|f| us(f.p50_ns)),
             cell(r, &|f| us(f.p50_ns)),
             cell(u, &|f| us(f.p99_ns)),
@@ -545,6 +591,7 @@ pub(crate) fn table(rows: &[(Config, Option<Figures>, Option<Figures>)]) -> Stri
             cell(u, &|f| format!("{:.0}", f.cpu_ns_per_io)),
             cell(r, &|f| format!("{:.0}", f.cpu_ns_per_io)),
             ratio(u.map(|f| f.cpu_ns_per_io), r.map(|f| f.cpu_ns_per_io)),
+            pairs(cpu_pairs),
         );
     }
     out
@@ -851,24 +898,36 @@ pub(crate) fn compare(root: &Path, args: &[String]) -> Result {
     }
 
     // Medians per configuration and driver, in the order measured.
-    let mut grouped: BTreeMap<(Config, Driver), Vec<Figures>> = BTreeMap::new();
+    let mut grouped: BTreeMap<(Config, Driver), BTreeMap<usize, Figures>> = BTreeMap::new();
     let mut configs: Vec<Config> = Vec::new();
     for run in &runs {
         if !configs.contains(&run.config) {
             configs.push(run.config);
         }
         if let Ok((_, f)) = &run.outcome {
-            grouped.entry((run.config, run.driver)).or_default().push(*f);
+            grouped.entry((run.config, run.driver)).or_default().insert(run.index, *f);
         }
     }
-    let med = |c: Config, d: Driver| grouped.get(&(c, d)).and_then(|v| median_figures(v));
-    let rows: Vec<(Config, Option<Figures>, Option<Figures>)> =
-        configs.iter().map(|&c| (c, med(c, Driver::Uvirtio), med(c, Driver::Ref))).collect();
+    let none = BTreeMap::new();
+    let of = |c: Config, d: Driver| grouped.get(&(c, d)).unwrap_or(&none);
+    let med = |c: Config, d: Driver| median_figures(&of(c, d).values().copied().collect::<Vec<_>>());
+    let rows: Vec<Row> = configs
+        .iter()
+        .map(|&c| Row {
+            config: c,
+            uvirtio: med(c, Driver::Uvirtio),
+            reference: med(c, Driver::Ref),
+            iops_pairs: pair_ratios(of(c, Driver::Uvirtio), of(c, Driver::Ref), |f| f.iops),
+            cpu_pairs: pair_ratios(of(c, Driver::Uvirtio), of(c, Driver::Ref), |f| f.cpu_ns_per_io),
+        })
+        .collect();
 
     let summary = format!(
         "\nMedians of {} alternating run(s) per driver, {} s each, 4 KiB random reads, one queue \
-         (uvirtio = vblk bench, ref = virtio-driver 0.6.1); ratios are uvirtio/ref; target: IOPS \
-         ratio >= 1 everywhere, CPU ratio <= 0.5 in interrupt mode at QD >= 32.\n\n{}",
+         (uvirtio = vblk bench, ref = virtio-driver 0.6.1); ratios are uvirtio/ref, of the medians \
+         and, for \"pairs\", the median (lowest–highest) of the ratios of runs made one after the \
+         other; target (on the ratios of the medians): IOPS ratio >= 1 everywhere, CPU ratio <= \
+         0.5 in interrupt mode at QD >= 32.\n\n{}",
         opts.runs,
         opts.runtime,
         table(&rows)
@@ -1031,7 +1090,23 @@ mod tests {
         let Some(Json::Arr(items)) = v.get("runs") else { panic!("no runs array") };
         assert_eq!(items[0].num("result.iops"), Ok(1.0));
         assert_eq!(items[1].get("error"), Some(&Json::Str("boom \"x\"".into())));
-        let t = table(&[((Backend::Qsd, 1, Mode::Poll), None, Some(f))]);
-        assert!(t.lines().nth(2).unwrap().starts_with("| qsd | 1 | poll | - | 1 |"));
+        let row = |uvirtio| Row {
+            config: (Backend::Qsd, 1, Mode::Poll),
+            uvirtio,
+            reference: Some(f),
+            iops_pairs: None,
+            cpu_pairs: None,
+        };
+        let t = table(&[row(None)]);
+        assert!(t.lines().nth(2).unwrap().starts_with("| qsd | 1 | poll | - | 1 | - | - |"));
+        let half = |x: f64| Figures { iops: x, cpu_ns_per_io: x, ..f };
+        let u: BTreeMap<usize, Figures> = [(0, half(1.0)), (1, half(3.0)), (2, half(2.0))].into();
+        let r: BTreeMap<usize, Figures> = [(0, half(2.0)), (1, half(2.0)), (3, half(1.0))].into();
+        let p = pair_ratios(&u, &r, |f| f.iops).unwrap();
+        // Runs 0 and 1 pair up; run 2 of uvirtio and run 3 of ref have no partner.
+        assert_eq!((p.median, p.min, p.max), (1.0, 0.5, 1.5));
+        assert_eq!(pair_ratios(&u, &BTreeMap::new(), |f| f.iops), None);
+        let t = table(&[Row { iops_pairs: Some(p), ..row(Some(half(1.0))) }]);
+        assert!(t.lines().nth(2).unwrap().contains("| 1.00 (0.50–1.50) |"), "{t}");
     }
 }
