@@ -147,7 +147,12 @@ fn info_over_vhost_user() {
     let srv = Serve::start(&s, &["--image", s.image_arg(), "--queues", "2", "--serial", "from-serve"]);
     let v = json(&ok(&["info", "--vhost-user", srv.sock(), "--queues", "2", "--json"]));
     assert_eq!(v["capacity_bytes"], IMAGE_BYTES);
-    assert_eq!(v["queues"], 2);
+    assert_eq!((&v["queues"], &v["queues_offered"]), (&2.into(), &2.into()));
+    // Without --queues one is set up; the device still offers two.
+    let v = json(&ok(&["info", "--vhost-user", srv.sock(), "--json"]));
+    assert_eq!((&v["queues"], &v["queues_offered"]), (&1.into(), &2.into()));
+    let text = ok(&["info", "--vhost-user", srv.sock()]);
+    assert!(text.contains("queues:       1 set up, 2 offered"), "{text}");
     assert_eq!(v["device_id"], "from-serve");
     assert_eq!(v["target"], format!("vhost-user:{}", srv.sock()));
 }

@@ -262,6 +262,17 @@ impl<T: Transport> BlkDevice<T> {
         self.queues.len() as u16
     }
 
+    /// Number of request queues the device offers: `num_queues` from the config with MQ
+    /// negotiated, else 1. [`BlkDevice::open`] sets up `min(BlkOptions::num_queues, this)`
+    /// (and no more than the transport handles).
+    pub fn offered_queues(&self) -> u16 {
+        if self.blk_features().contains(BlkFeatures::MQ) {
+            self.config.num_queues.get().max(1)
+        } else {
+            1
+        }
+    }
+
     /// Takes queue `index` (each can be taken once) to use on some thread.
     pub fn take_queue(&mut self, index: u16) -> Result<BlkQueue<T>> {
         self.queues.get_mut(index as usize).and_then(Option::take).ok_or(BlkError::NoSuchQueue(index))

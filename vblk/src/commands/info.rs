@@ -58,6 +58,7 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, String> {
             "features": names,
             "features_raw": format!("{features:#x}"),
             "queues": dev.num_queues(),
+            "queues_offered": dev.offered_queues(),
             "queue_size": q.queue_size(),
             "ring_format": format,
             "device_id": id.as_ref().ok(),
@@ -87,7 +88,7 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, String> {
         println!("read-only:    {}", if dev.read_only() { "yes" } else { "no" });
         println!("write cache:  {wc}");
         println!("features:     {} ({features:#x})", names.join(" "));
-        println!("queues:       {}", dev.num_queues());
+        println!("queues:       {} set up, {} offered (--queues N)", dev.num_queues(), dev.offered_queues());
         println!("queue size:   {}", q.queue_size());
         println!("ring format:  {format}");
         println!("device id:    {id}");
