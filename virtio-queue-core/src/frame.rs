@@ -92,17 +92,6 @@ impl Frame {
         self.max_data != 0
     }
 
-    /// The `framed_fast_*` bound of a queue with this frame (both formats): `max_data` while
-    /// framed chains take the fast path, 0 (closing it) while the queue is broken.
-    #[inline(always)]
-    pub fn fast_bound(&self, broken: bool) -> u32 {
-        if broken {
-            0
-        } else {
-            self.max_data
-        }
-    }
-
     /// Device address of chain `id`'s header (the addition cannot overflow:
     /// checked by [`Frame::new`] for every id below the queue size).
     #[inline(always)]
@@ -131,5 +120,53 @@ impl Frame {
         } else {
             self.status_len
         }
+    }
+}
+
+/// The framed fast paths' state, the same for both ring formats: which layout
+/// framed chains take, and the bound of each layout's fast path.
+///
+/// A bound is one more than the longest data buffer its fast path takes: the
+/// frame's `max_data` for the layout chosen, 0 for the other and for both
+/// while the queue has no frame or is broken. A 0 closes that path with the
+/// same comparison that checks the data length.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FramedPaths {
+    /// Bound of the direct path (three ring descriptors or positions).
+    pub direct: u32,
+    /// Bound of the indirect path (one ring descriptor or position and the
+    /// chain id's table, as `add` would put the chain).
+    pub indirect: u32,
+    /// Whether framed chains go into indirect tables.
+    pub in_tables: bool,
+}
+
+impl FramedPaths {
+    /// Both paths closed; framed chains in tables if the tables (of
+    /// `table_entries` each) hold one.
+    pub fn new(table_entries: u16) -> Self {
+        FramedPaths { direct: 0, indirect: 0, in_tables: table_entries >= 3 }
+    }
+
+    /// Opens the chosen layout's path with `frame`'s bound (closed while
+    /// `broken`) and closes the other.
+    pub fn open(&mut self, frame: &Frame, broken: bool) {
+        let bound = if broken { 0 } else { frame.max_data };
+        (self.direct, self.indirect) = if self.in_tables { (0, bound) } else { (bound, 0) };
+    }
+
+    /// Closes both paths (a broken queue).
+    pub fn close(&mut self) {
+        (self.direct, self.indirect) = (0, 0);
+    }
+
+    /// Chooses the layout; tables need three entries (`table_entries`).
+    /// Call [`FramedPaths::open`] after.
+    pub fn choose(&mut self, in_tables: bool, table_entries: u16) -> Result<(), LayoutError> {
+        if in_tables && table_entries < 3 {
+            return Err(LayoutError::IndirectTablesTooSmall);
+        }
+        self.in_tables = in_tables;
+        Ok(())
     }
 }

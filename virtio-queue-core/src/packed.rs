@@ -17,7 +17,7 @@
 //! device's used ID is only looked up after a range and in-flight check.
 
 use crate::error::{AddError, DeviceError, Error};
-use crate::frame::{ChainFrame, Frame};
+use crate::frame::{ChainFrame, Frame, FramedPaths};
 use crate::layout::{off, DescFlags, LayoutError, PackedEventFlags, RingFeatures, RingFormat, RingLayout};
 use crate::notify::{need_event, packed_event_position, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
@@ -69,18 +69,10 @@ pub struct PackedQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     /// The driver event suppression flags the device can see.
     driver_event_flags: u16,
     broken: Option<DeviceError>,
-    /// One more than the longest data buffer of a framed chain on the fast
-    /// path of its layout: the frame's `max_data` in `framed_fast_indirect`
-    /// when the indirect tables hold three descriptors (the chain takes one
-    /// ring position and its ID's table, as `add` would put it), else in
-    /// `framed_fast_direct` (three positions); 0 in the other, and in both
-    /// while the queue has no frame or is broken. A 0 closes that fast path
-    /// with the same comparison that checks the length.
-    framed_fast_direct: u32,
-    framed_fast_indirect: u32,
-    /// Whether framed chains go into indirect tables (see
-    /// [`set_framed_chains_indirect`](PackedQueue::set_framed_chains_indirect)).
-    framed_indirect: bool,
+    /// The framed fast paths: the layout chosen (see
+    /// [`set_framed_chains_indirect`](PackedQueue::set_framed_chains_indirect)) and
+    /// each path's bound.
+    framed: FramedPaths,
     /// Ring positions at which a direct framed chain fits before the end of
     /// the ring: `size - 2` (none below a size of 3).
     framed_end: u16,
@@ -138,9 +130,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             driver_event_flags: PackedEventFlags::Enable as u16,
             broken: None,
             frame: Frame::NONE,
-            framed_fast_direct: 0,
-            framed_fast_indirect: 0,
-            framed_indirect: indirect.entries() >= 3,
+            framed: FramedPaths::new(indirect.entries()),
             framed_end: config.queue_size.saturating_sub(2),
             frame_generation: 1,
         })
@@ -230,8 +220,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         self.used_bits = NEVER_USED;
-        self.framed_fast_direct = 0;
-        self.framed_fast_indirect = 0;
+        self.framed.close();
         Error::Broken(e)
     }
 
@@ -339,11 +328,9 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         Ok(())
     }
 
-    /// Sets the `framed_fast_*` bounds from the frame, the indirect tables and `broken`.
+    /// Opens the framed fast path of the chosen layout (see [`FramedPaths`]).
     fn open_framed(&mut self) {
-        let bound = self.frame.fast_bound(self.broken.is_some());
-        (self.framed_fast_direct, self.framed_fast_indirect) =
-            if self.framed_chains_indirect() { (0, bound) } else { (bound, 0) };
+        self.framed.open(&self.frame, self.broken.is_some());
     }
 
     /// Whether framed chains go into indirect tables (one ring position
@@ -352,7 +339,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// [`set_framed_chains_indirect`](Self::set_framed_chains_indirect)).
     #[inline(always)]
     pub fn framed_chains_indirect(&self) -> bool {
-        self.framed_indirect
+        self.framed.in_tables
     }
 
     /// Chooses where framed chains go on a queue with indirect tables of
@@ -368,10 +355,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// Straight into the ring, a framed chain that would cross the end of the
     /// ring is written across it (as `add` writes a chain without a table).
     pub fn set_framed_chains_indirect(&mut self, on: bool) -> Result<(), LayoutError> {
-        if on && self.indirect.entries() < 3 {
-            return Err(LayoutError::IndirectTablesTooSmall);
-        }
-        self.framed_indirect = on;
+        self.framed.choose(on, self.indirect.entries())?;
         self.open_framed();
         Ok(())
     }
@@ -400,7 +384,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// chains: the driver reads nothing back from them.
     #[inline]
     pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
-        if self.framed_fast_indirect != 0 {
+        if self.framed.indirect != 0 {
             self.add_framed_indirect(data, data_writable, token)
         } else {
             self.add_framed_direct(data, data_writable, token)
@@ -417,8 +401,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         let p = self.next_avail;
         // Three free positions also mean a free ID (see `add`); positions
         // `p .. p + 3` do not cross the end of the ring.
-        if !((data.len.wrapping_sub(1) < self.framed_fast_direct) & (self.free_positions >= 3) & (p < self.framed_end))
-        {
+        if !((data.len.wrapping_sub(1) < self.framed.direct) & (self.free_positions >= 3) & (p < self.framed_end)) {
             return self.add_framed_slow(data, data_writable, token);
         }
         let frame = self.frame;
@@ -464,7 +447,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     #[inline(always)]
     pub fn add_framed_indirect(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
         // A free position also means a free ID (see `add`).
-        if !((data.len.wrapping_sub(1) < self.framed_fast_indirect) & (self.free_positions >= 1)) {
+        if !((data.len.wrapping_sub(1) < self.framed.indirect) & (self.free_positions >= 1)) {
             return self.add_framed_slow(data, data_writable, token);
         }
         let p = self.next_avail;
@@ -475,7 +458,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         let (toff, tiova) = self.indirect.table(id);
         let data_flags = if data_writable { DescFlags::WRITE.bits() } else { 0 };
         // SAFETY: `id < size` (index invariant); entry 1 of a table of at
-        // least three (`framed_fast_indirect` is only set with such tables),
+        // least three (the indirect path opens only with such tables),
         // inside the tables `check` measured; `p < size`, inside the ring.
         unsafe {
             write_table_desc(self.indirect.mem(), toff + off::DESC_SIZE, data.addr, data.len, id, data_flags);
@@ -521,7 +504,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
         let (h, s) = (self.frame.header(id), self.frame.status(id));
         // Straight into the ring while three positions are free, even across
         // its end; else (or with the tables' layout) as `add` puts it.
-        let tables = self.framed_indirect || self.free_positions < 3;
+        let tables = self.framed.in_tables || self.free_positions < 3;
         if data_writable {
             self.add_into(&[h], &[data, s], token, tables)
         } else {

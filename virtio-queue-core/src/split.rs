@@ -13,7 +13,7 @@
 //! the driver hand one descriptor to two chains.
 
 use crate::error::{AddError, DeviceError, Error};
-use crate::frame::{ChainFrame, Frame};
+use crate::frame::{ChainFrame, Frame, FramedPaths};
 use crate::layout::{off, AvailFlags, DescFlags, LayoutError, RingFeatures, RingFormat, RingLayout, UsedFlags};
 use crate::notify::{need_event, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
@@ -114,18 +114,10 @@ pub struct SplitQueue<'a, T, S: SlotStorage<T> = &'a mut [Slot<T>]> {
     batch: InOrderBatch,
     used_notify: UsedNotify,
     broken: Option<DeviceError>,
-    /// One more than the longest data buffer of a framed chain on the fast
-    /// path of its layout: the frame's `max_data` in `framed_fast_indirect`
-    /// when the indirect tables hold three descriptors (the chain goes into
-    /// its head's table, as `add` would put it), else in
-    /// `framed_fast_direct`; 0 in the other, and in both while the queue has
-    /// no frame or is broken. A 0 closes that fast path with the same
-    /// comparison that checks the length.
-    framed_fast_direct: u32,
-    framed_fast_indirect: u32,
-    /// Whether framed chains go into indirect tables (see
-    /// [`set_framed_chains_indirect`](SplitQueue::set_framed_chains_indirect)).
-    framed_indirect: bool,
+    /// The framed fast paths: the layout chosen (see
+    /// [`set_framed_chains_indirect`](SplitQueue::set_framed_chains_indirect)) and
+    /// each path's bound.
+    framed: FramedPaths,
     /// Where framed chains keep their header and status ([`Frame::NONE`]
     /// until [`set_chain_frame`](SplitQueue::set_chain_frame)).
     frame: Frame,
@@ -191,9 +183,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             used_notify: UsedNotify::Enabled,
             broken: None,
             frame: Frame::NONE,
-            framed_fast_direct: 0,
-            framed_fast_indirect: 0,
-            framed_indirect: indirect.entries() >= 3,
+            framed: FramedPaths::new(indirect.entries()),
             // Epoch 1 (`added` is 0).
             frame_offset: u64::MAX,
         })
@@ -279,8 +269,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     fn fail(&mut self, e: DeviceError) -> Error {
         self.broken = Some(e);
         self.used_seen = self.last_used;
-        self.framed_fast_direct = 0;
-        self.framed_fast_indirect = 0;
+        self.framed.close();
         Error::Broken(e)
     }
 
@@ -421,11 +410,9 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         self.frame_offset = self.added.wrapping_sub(1);
     }
 
-    /// Sets the `framed_fast_*` bounds from the frame, the indirect tables and `broken`.
+    /// Opens the framed fast path of the chosen layout (see [`FramedPaths`]).
     fn open_framed(&mut self) {
-        let bound = self.frame.fast_bound(self.broken.is_some());
-        (self.framed_fast_direct, self.framed_fast_indirect) =
-            if self.framed_chains_indirect() { (0, bound) } else { (bound, 0) };
+        self.framed.open(&self.frame, self.broken.is_some());
     }
 
     /// Whether framed chains go into indirect tables (one ring descriptor
@@ -434,7 +421,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// [`set_framed_chains_indirect`](Self::set_framed_chains_indirect)).
     #[inline(always)]
     pub fn framed_chains_indirect(&self) -> bool {
-        self.framed_indirect
+        self.framed.in_tables
     }
 
     /// Chooses where framed chains go on a queue with indirect tables of
@@ -447,10 +434,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// tables fails with [`LayoutError::IndirectTablesTooSmall`]. May be
     /// called at any time; chains in flight keep their layout.
     pub fn set_framed_chains_indirect(&mut self, on: bool) -> Result<(), LayoutError> {
-        if on && self.indirect.entries() < 3 {
-            return Err(LayoutError::IndirectTablesTooSmall);
-        }
-        self.framed_indirect = on;
+        self.framed.choose(on, self.indirect.entries())?;
         // A slot's frame epoch means "this layout's fixed parts are in place":
         // a new layout starts a new epoch.
         self.frame_offset = self.frame_offset.wrapping_sub(1);
@@ -506,7 +490,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// from either.
     #[inline]
     pub fn add_framed(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
-        if self.framed_fast_indirect != 0 {
+        if self.framed.indirect != 0 {
             self.add_framed_indirect(data, data_writable, token)
         } else {
             self.add_framed_direct(data, data_writable, token)
@@ -520,7 +504,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// still goes into one, only more slowly.
     #[inline(always)]
     pub fn add_framed_direct(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
-        if !((data.len.wrapping_sub(1) < self.framed_fast_direct) & (self.slots.num_free() >= 3)) {
+        if !((data.len.wrapping_sub(1) < self.framed.direct) & (self.slots.num_free() >= 3)) {
             return self.add_framed_slow(data, data_writable, token);
         }
         let head = self.slots.free_head();
@@ -544,7 +528,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// still goes into the ring, only more slowly.
     #[inline(always)]
     pub fn add_framed_indirect(&mut self, data: Buffer, data_writable: bool, token: T) -> Result<(), AddError<T>> {
-        if !((data.len.wrapping_sub(1) < self.framed_fast_indirect) & (self.slots.num_free() >= 1)) {
+        if !((data.len.wrapping_sub(1) < self.framed.indirect) & (self.slots.num_free() >= 1)) {
             return self.add_framed_slow(data, data_writable, token);
         }
         let head = self.slots.free_head();
@@ -554,7 +538,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
         let flags = if data_writable { (DescFlags::NEXT | DescFlags::WRITE).bits() } else { DescFlags::NEXT.bits() };
         let (toff, _) = self.indirect.table(head);
         // SAFETY: `head < size` (index invariant) and entry 1 of a table of at
-        // least three (`framed_fast_indirect` is only set with such tables),
+        // least three (the indirect path opens only with such tables),
         // inside the tables `check` measured.
         unsafe { write_desc_at(self.indirect.mem(), toff + off::DESC_SIZE, data.addr, data.len, flags, 2) };
         let after = self.slots.next_free(head);
