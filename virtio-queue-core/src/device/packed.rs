@@ -273,8 +273,7 @@ impl<'a> PackedDevice<'a> {
             return false;
         }
         self.dirty = false;
-        // More than a whole ring since the last publication passes every event.
-        let advanced = self.pending.min(u32::from(self.size)) as u16;
+        let pending = self.pending;
         self.pending = 0;
         fence_store_before_load();
         // SAFETY: 2-aligned fields of the driver area, which lies inside `driver` (checked by
@@ -283,7 +282,17 @@ impl<'a> PackedDevice<'a> {
         match flags & 3 {
             f if f == PackedEventFlags::Enable as u16 => true,
             f if f == PackedEventFlags::Disable as u16 => false,
+            // More than a whole ring since the last publication passes every event: the
+            // driver's offset and wrap counter can no longer say which lap it meant.
+            f if f == PackedEventFlags::Desc as u16
+                && self.features.contains(RingFeatures::EVENT_IDX)
+                && pending > u32::from(self.size) =>
+            {
+                true
+            }
             f if f == PackedEventFlags::Desc as u16 && self.features.contains(RingFeatures::EVENT_IDX) => {
+                // At most a whole ring (checked above).
+                let advanced = pending as u16;
                 // SAFETY: as above.
                 let off_wrap =
                     unsafe { self.driver.load_u16(self.driver_offset + off::EVENT_OFF_WRAP, Ordering::Acquire) };
@@ -656,6 +665,35 @@ mod tests {
             assert_eq!(drv.take_used(n), Some((round, u32::from(round))));
             assert!(!dev.publish_used());
         }
+    }
+
+    /// A device that writes more than a whole ring of used descriptors before it publishes
+    /// (here two on a one-entry ring) can no longer tell which lap the driver's event offset
+    /// and wrap counter meant, so it notifies; exactly a whole ring still goes by the event.
+    /// Found by the `ops` fuzz target (regression `packed-publish-after-more-than-a-ring`).
+    #[test]
+    fn more_than_a_ring_before_publishing_notifies() {
+        let layout = RingLayout::packed(1).unwrap();
+        let l = lines_for(&layout);
+        let mem = SharedMemory::new(&l);
+        let mut dev = PackedDevice::new(cfg(layout, mem, RingFeatures::EVENT_IDX, &[])).unwrap();
+        let mut drv = Drv::new(mem, layout);
+        // Notify at position 0 of the first lap (wrap counter 1).
+        drv.set_event(PackedEventFlags::Desc, 1 << 15);
+        for round in 0..2u16 {
+            drv.add(round, &[(1, 1, WRITE)]);
+            let c = dev.pop_avail().unwrap().unwrap();
+            dev.push_used(&c, 1);
+            assert_eq!(drv.take_used(1), Some((round, 1)));
+        }
+        assert!(dev.publish_used(), "two used descriptors on a ring of one passed the event");
+        // Then the third used descriptor (lap 3, wrap counter 1) against an event for the
+        // next lap with wrap counter 0: one descriptor, not the one named, no notification.
+        drv.set_event(PackedEventFlags::Desc, 0);
+        drv.add(2, &[(1, 1, WRITE)]);
+        let c = dev.pop_avail().unwrap().unwrap();
+        dev.push_used(&c, 1);
+        assert!(!dev.publish_used());
     }
 
     #[test]
