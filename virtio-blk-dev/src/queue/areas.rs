@@ -15,11 +15,14 @@
 //!
 //! A request's header and status share its line, so a device serves a
 //! request touching one line of request memory. Splitting them into
-//! separate arrays, four entries to a line, was measured (2026-12-05, `vblk
-//! bench` against qemu-storage-daemon): it did not lower the driver's CPU per
-//! request in interrupt mode at queue depth 32 (304–311 ns against 298–311)
-//! and was no better for the device in poll mode, so each request keeps its
-//! own line.
+//! separate arrays, four entries to a line, was measured on 2026-12-05
+//! against qemu-storage-daemon (pinned to CPU 1, `vblk bench --vhost-user
+//! SOCK --rw randread --bs 4096 --iodepth 32 --runtime 3 --interrupt --json`
+//! on CPU 0, alternating with `bench/virtio-driver-ref`): it did not lower the
+//! driver's CPU per request in interrupt mode (304–311 ns against 298–311 over
+//! three runs each), and in poll mode (eight alternating 1 s rounds) it made
+//! 0.92× the reference's IOPS against 0.95× with one line per request. So
+//! each request keeps its own line.
 
 use virtio_queue_core::{ChainFrame, SharedMemory};
 
