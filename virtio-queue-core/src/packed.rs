@@ -21,7 +21,7 @@ use crate::frame::{ChainFrame, Frame, FramedPaths};
 use crate::layout::{off, DescFlags, LayoutError, PackedEventFlags, RingFeatures, RingFormat, RingLayout};
 use crate::notify::{need_event, packed_event_position, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
-use crate::slots::{check_chain, IndirectTables, Slot, SlotStorage, SlotTable};
+use crate::slots::{check_chain, FreedBatch, IndirectTables, Slot, SlotStorage, SlotTable};
 use crate::split::QueueConfig;
 use crate::{Buffer, QueueAddresses, Used};
 
@@ -717,6 +717,12 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     /// device wrote is checked first; a bad one breaks the queue.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used<T>>, Error> {
+        self.pop_used_into(&mut FreedBatch::new())
+    }
+
+    /// `pop_used`, freeing the chain's ID after those `batch` freed.
+    #[inline]
+    fn pop_used_into(&mut self, batch: &mut FreedBatch) -> Result<Option<Used<T>>, Error> {
         let pos = self.next_used;
         if !self.next_is_used() {
             // Also where a broken queue and an IN_ORDER queue always come:
@@ -728,7 +734,7 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             return Ok(None);
         }
         let (id, len) = self.used_desc(pos);
-        match self.slots.complete(id, len, self.published_seq) {
+        match self.slots.complete(id, len, self.published_seq, batch) {
             Ok(done) => {
                 self.advance_used(done.ring_descs);
                 Ok(Some(Used { token: done.token, len }))
@@ -748,7 +754,10 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
     #[inline]
     pub fn drain_used(&mut self, mut f: impl FnMut(Used<T>)) -> Result<usize, Error> {
         let mut n = 0;
-        while let Some(used) = self.pop_used()? {
+        // The drained IDs are reused in the order they were used (see the
+        // reuse order at `FreedBatch`).
+        let mut batch = FreedBatch::new();
+        while let Some(used) = self.pop_used_into(&mut batch)? {
             f(used);
             n += 1;
         }

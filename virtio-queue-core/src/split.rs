@@ -17,7 +17,7 @@ use crate::frame::{ChainFrame, Frame, FramedPaths};
 use crate::layout::{off, AvailFlags, DescFlags, LayoutError, RingFeatures, RingFormat, RingLayout, UsedFlags};
 use crate::notify::{need_event, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
-use crate::slots::{check_chain, IndirectTables, Slot, SlotStorage, SlotTable};
+use crate::slots::{check_chain, FreedBatch, IndirectTables, Slot, SlotStorage, SlotTable};
 use crate::{Buffer, QueueAddresses, Used};
 
 /// Everything a queue is built from except its slots.
@@ -669,6 +669,12 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     /// device wrote is checked first; a bad one breaks the queue.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used<T>>, Error> {
+        self.pop_used_into(&mut FreedBatch::new())
+    }
+
+    /// `pop_used`, freeing the chain's run after those `batch` freed.
+    #[inline]
+    fn pop_used_into(&mut self, batch: &mut FreedBatch) -> Result<Option<Used<T>>, Error> {
         let last_used = self.last_used;
         if self.used_seen == last_used {
             // Also where a broken queue and an IN_ORDER queue always come
@@ -690,7 +696,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
             self.used_seen = used_idx;
         }
         let (id, len) = self.used_elem(last_used);
-        match self.slots.complete(id, len, self.published) {
+        match self.slots.complete(id, len, self.published, batch) {
             Ok(done) => {
                 self.last_used = last_used.wrapping_add(1);
                 Ok(Some(Used { token: done.token, len }))
@@ -707,12 +713,15 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
     #[inline]
     pub fn drain_used(&mut self, mut f: impl FnMut(Used<T>)) -> Result<usize, Error> {
         let mut n = 0;
+        // The drained chains are reused in the order they were used (see
+        // the reuse order at `FreedBatch`).
+        let mut batch = FreedBatch::new();
         loop {
             let seen = self.used_seen;
             let mut last_used = self.last_used;
             while last_used != seen {
                 let (id, len) = self.used_elem(last_used);
-                let done = match self.slots.complete(id, len, self.published) {
+                let done = match self.slots.complete(id, len, self.published, &mut batch) {
                     Ok(done) => done,
                     Err(e) => return Err(self.fail(e)),
                 };
@@ -723,7 +732,7 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
                 n += 1;
             }
             // Reads `used.idx` again (or takes an IN_ORDER batch).
-            match self.pop_used()? {
+            match self.pop_used_into(&mut batch)? {
                 Some(used) => {
                     f(used);
                     n += 1;
