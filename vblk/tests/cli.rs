@@ -271,6 +271,7 @@ fn bench(target: &[&str], rw: &str, mode: &str) -> serde_json::Value {
     assert!(lat["mean"].as_f64().unwrap() > 0.0, "{ctx}");
     assert!(v["target"].is_string(), "{ctx}");
     assert_eq!(v["batch_completions"], mode == "--interrupt", "{ctx}");
+    assert_eq!(v["poll_pacing"], mode == "--poll", "{ctx}");
     assert!(v["kicks"].is_u64() && v["waits"].is_u64(), "{ctx}");
     if mode == "--poll" {
         assert_eq!(v["waits"], 0, "{ctx}");
@@ -315,6 +316,19 @@ fn bench_over_vhost_user() {
     ]));
     assert_eq!(v["batch_completions"], false, "{v}");
     assert!(v["ios"].as_u64().unwrap() > 0 && v["errors"] == 0, "{v}");
+    let v = json(&ok(&[
+        "bench",
+        "--json",
+        "--runtime",
+        "0.3",
+        "--no-pacing",
+        "--iodepth",
+        "8",
+        "--vhost-user",
+        srv.sock(),
+    ]));
+    assert_eq!((&v["mode"], &v["poll_pacing"]), (&"poll".into(), &false.into()), "{v}");
+    assert!(v["ios"].as_u64().unwrap() > 0 && v["errors"] == 0, "{v}");
 }
 
 #[test]
@@ -328,6 +342,7 @@ fn bad_arguments_and_targets_get_one_line() {
         &["bench", "--bs", "1000"],
         &["bench", "--bs", "4Q"],
         &["bench", "--runtime", "0"],
+        &["bench", "--interrupt", "--no-pacing"],
         &["bench", "--rw", "sideways"],
         &["bench", "--size", "64M", "--offset", "100"],
         &["bench", "--offset", "2G"],

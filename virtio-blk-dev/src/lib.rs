@@ -40,6 +40,7 @@ mod device;
 mod error;
 #[cfg(feature = "loopback")]
 pub mod loopback;
+mod pace;
 mod queue;
 pub mod spec;
 #[cfg(feature = "suite")]
@@ -49,6 +50,7 @@ pub use buf::DmaBuf;
 pub use config::{BlkConfig, BlkFeatures, Topology};
 pub use device::{BlkDevice, BlkOptions, VIRTIO_ID_BLOCK};
 pub use error::{BlkError, DeviceStatus, Result};
+pub use pace::PollPacer;
 pub use queue::{BlkQueue, Bufs, Completion, Rejected, RequestKind};
 pub use spec::ID_LEN;
 
