@@ -223,7 +223,7 @@ pub struct BenchArgs {
     /// the RAM disk is made at least --offset + --size bytes (default 1G).
     #[arg(long, visible_alias = "length", value_name = "SIZE", value_parser = parse_size)]
     pub size: Option<u64>,
-    /// Busy-poll the used ring for completions (default).
+    /// Poll the used ring for completions (default), paced (see --no-pacing).
     #[arg(long, conflicts_with = "interrupt")]
     pub poll: bool,
     /// Sleep on the completion eventfd (BlkQueue::wait) when nothing has completed.
