@@ -25,14 +25,20 @@
 //!
 //! Measured on this project's 2-vCPU AMD EPYC VM, 4 KiB random reads
 //! against qemu-storage-daemon 7.2 (Debian's, null-co, pinned to the other
-//! vCPU), `vblk bench --poll`, alternating with `bench/virtio-driver-ref` (which
-//! polls flat out) in three rounds of 2 s: at queue depth 32, 1.41 M IOPS
-//! (p50 22.0 µs) without pacing and 1.82 M (16.7 µs) with it, against the
-//! reference's 1.52 M (20.5 µs); at depth 128, 1.45 M (86.3 µs) and 1.83 M
-//! (67.3 µs) against 1.44 M (86.8 µs); at depth 1 no difference (0.36 M,
-//! 2.7 µs). Holding for a quarter of the latency starved the device at
-//! depth 32 (0.90× the reference); a limit of 2 µs instead of 4 lost a little
-//! at depth 128 (1.20× instead of 1.26×).
+//! vCPU), `vblk bench --poll` with and without `--no-pacing`, alternating
+//! with `bench/virtio-driver-ref` (which polls flat out), three rounds of
+//! 2 s, medians:
+//!
+//! | depth | paced: IOPS, p50 | flat out: IOPS, p50 | reference: IOPS, p50 |
+//! |--:|--:|--:|--:|
+//! | 1 | 358 k, 2.7 µs | 358 k, 2.7 µs | 338 k, 2.7 µs |
+//! | 32 | 1.73 M, 17.9 µs | 1.49 M, 20.8 µs | 1.47 M, 20.8 µs |
+//! | 128 | 1.79 M, 71.9 µs | 1.37 M, 91.4 µs | 1.43 M, 87.8 µs |
+//!
+//! In earlier rounds holding for half the latency starved the device at
+//! depth 32 (0.90× the reference), a quarter did as well as an eighth, and
+//! a limit of 2 µs instead of 4 lost a little at depth 128 (1.20× the
+//! reference instead of 1.26×).
 
 use std::time::Duration;
 

@@ -225,11 +225,13 @@ pub(crate) fn check_chain(readable: &[crate::Buffer], writable: &[crate::Buffer]
 /// the first reused. A plain stack would reverse each drained batch, so a
 /// driver resubmitting what it drains would hand the device its entries in
 /// an order that changes at every pass; kept in order, the device meets the
-/// same entries in the same sequence lap after lap. (`pop_used` frees one run at a time, at the front: a caller that
-/// resubmits after each keeps the order anyway.)
+/// same entries in the same sequence lap after lap. (`pop_used` frees one
+/// run at a time, at the front: a caller that resubmits after each keeps
+/// the order anyway.)
 ///
-/// Measured with qemu-storage-daemon 7.2 (null-co, split ring, EVENT_IDX,
-/// direct descriptors), pinned to one vCPU of this 2-vCPU AMD EPYC VM,
+/// Measured with qemu-storage-daemon 7.2 built from Debian's source with
+/// symbols (null-co, split ring, EVENT_IDX, direct descriptors, polling
+/// flat out), pinned to one vCPU of this 2-vCPU AMD EPYC VM,
 /// `vblk bench --vhost-user SOCK --rw randread --bs 4K --iodepth D
 /// --runtime 2 --poll|--interrupt` pinned to the other, alternating with
 /// `bench/virtio-driver-ref` and with a build that frees onto a plain stack,
@@ -244,9 +246,11 @@ pub(crate) fn check_chain(readable: &[crate::Buffer], writable: &[crate::Buffer]
 /// | 128, interrupt | 1.30 | 1.29 | 188 | 184 |
 ///
 /// In poll mode the daemon's core is the limit. `perf record -e cpu-clock`
-/// on a daemon built from Debian's source with symbols put 17 % of its
-/// samples on its copy of the request header with the stack, 5 % in used
-/// order. Reusing the entry freed longest ago (a queue) gave the
+/// on the daemon put 17 % of its samples on its copy of the request header
+/// with the stack, 5 % in used order. Debian's own binary gained less at
+/// depth 32 in poll mode (0.91 → 0.94× the reference); most of the rest
+/// came from pacing the driver's polls (`PollPacer` in virtio-blk-dev).
+/// Reusing the entry freed longest ago (a queue) gave the
 /// daemon the same gain but cost the driver 312 ns per request against
 /// 280 at depth 32 in interrupt mode: it cycles through every entry.
 #[derive(Clone, Copy)]
