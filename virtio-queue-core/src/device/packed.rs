@@ -282,16 +282,13 @@ impl<'a> PackedDevice<'a> {
         match flags & 3 {
             f if f == PackedEventFlags::Enable as u16 => true,
             f if f == PackedEventFlags::Disable as u16 => false,
-            // More than a whole ring since the last publication passes every event: the
-            // driver's offset and wrap counter can no longer say which lap it meant.
-            f if f == PackedEventFlags::Desc as u16
-                && self.features.contains(RingFeatures::EVENT_IDX)
-                && pending > u32::from(self.size) =>
-            {
-                true
-            }
             f if f == PackedEventFlags::Desc as u16 && self.features.contains(RingFeatures::EVENT_IDX) => {
-                // At most a whole ring (checked above).
+                // More than a whole ring since the last publication passes every event: the
+                // driver's offset and wrap counter can no longer say which lap it meant.
+                if pending > u32::from(self.size) {
+                    return true;
+                }
+                // At most a whole ring (checked just above).
                 let advanced = pending as u16;
                 // SAFETY: as above.
                 let off_wrap =
