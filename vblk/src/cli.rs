@@ -235,7 +235,7 @@ pub struct BenchArgs {
     pub no_batch_completions: bool,
     /// In poll mode, poll the used ring flat out. By default, after a pass that completed
     /// something, the worker leaves the ring alone for an eighth of the latency of what is in
-    /// flight, at most 4 µs (virtio_blk_dev::PollPacer), so a busy-polling back-end does not
+    /// flight, at most 4 µs (virtio_blk_dev::PollPacer), so a back-end on another core does not
     /// lose the ring's cache lines to the driver at every request.
     #[arg(long, conflicts_with = "interrupt")]
     pub no_pacing: bool,

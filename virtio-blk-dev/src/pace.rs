@@ -5,11 +5,10 @@
 //! A driver that polls reads the used ring's index and elements, the lines
 //! the device writes for every request it completes. A read of a line the
 //! device has just written moves the line to the driver's core; the device's
-//! next write must take it back. When the device is a busy-polling process
-//! on another core (qemu-storage-daemon, `vblk serve`, any vhost-user or
-//! VDUSE back-end) that is the limit, a driver polling flat out makes the
-//! device pay that transfer on every request, and waits for it longer than
-//! the work itself takes.
+//! next write must take it back. When the device is a process on another
+//! core (qemu-storage-daemon and `vblk serve` were measured) and is the
+//! limit, a driver polling flat out makes the device pay that transfer on
+//! every request.
 //!
 //! [`PollPacer`] has the driver, after a pass that found completions, leave
 //! the ring alone for an eighth of the time the requests still in flight

@@ -517,6 +517,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         q.set_direct_descriptors(room && !a.all_indirect);
     }
     let direct_descriptors = queues.iter().all(|q| q.direct_descriptors());
+    let pacing = !a.interrupt && !a.no_pacing;
     let mut workers = Vec::with_capacity(queues.len());
     for (i, q) in queues.into_iter().enumerate() {
         let bs = usize::try_from(a.bs).map_err(|_| "--bs is too large".to_string())?;
@@ -533,7 +534,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             first_block: blocks / u64::from(nq) * i as u64,
             interrupt: a.interrupt,
             batch_completions: !a.no_batch_completions,
-            pacing: !a.interrupt && !a.no_pacing,
+            pacing,
             runtime: Duration::from_secs_f64(a.runtime),
             seed: 0x5eed ^ (i as u64).wrapping_mul(0x9e37_79b9),
         };
@@ -613,7 +614,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         queues: nq,
         interrupt: a.interrupt,
         batch_completions: a.interrupt && !a.no_batch_completions,
-        pacing: !a.interrupt && !a.no_pacing,
+        pacing,
         direct_descriptors,
         runtime_s: runtime.as_secs_f64(),
         total,
