@@ -716,7 +716,7 @@ impl Transport for PciTransport {
         let q = &mut self.queues[usize::from(index)];
         q.enabled = true;
         q.interrupt = Some(interrupt);
-        Ok((notifier, CompletionEvent::new(NAME, index, event, None)))
+        Ok((notifier, CompletionEvent::new(NAME, index, event)))
     }
 
     fn alloc_dma(&self, len: usize) -> Result<DmaRegion> {

@@ -383,7 +383,7 @@ impl Transport for VdpaTransport {
         dev.set_vring_call(i, &sys_eventfd(&call, step)?).map_err(|e| vhost_error(step, "VHOST_SET_VRING_CALL", e))?;
         dev.set_vring_kick(i, &sys_eventfd(&kick, step)?).map_err(|e| vhost_error(step, "VHOST_SET_VRING_KICK", e))?;
         dev.set_vring_enable(i, true).map_err(|e| vhost_error(step, "VHOST_VDPA_SET_VRING_ENABLE", e))?;
-        Ok((kick, CompletionEvent::new(NAME, index, call, None)))
+        Ok((kick, CompletionEvent::new(NAME, index, call)))
     }
 
     fn alloc_dma(&self, len: usize) -> Result<DmaRegion> {

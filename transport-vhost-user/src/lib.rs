@@ -13,24 +13,28 @@
 //!   offered.
 //! * A back-end that dies, closes the socket or stops answering (no reply
 //!   within [`VhostUserOptions::reply_timeout`]) turns every later call, and
-//!   every [`CompletionEvent::wait`], into a [`Cause::Disconnected`] error; no
-//!   call hangs and none panics.
+//!   every completion wait ([`virtio_transport_api::Cleared::wait`]), into a
+//!   [`Cause::Disconnected`] error; no call hangs and none panics. A
+//!   watchdog thread notices the hang-up even while no request is being
+//!   sent, and wakes every sleeping queue (see `watchdog.rs`).
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue_core::RingFormat;
 use virtio_transport_api::{
-    Cause, CompletionEvent, DeviceStatus, DmaRegion, Error, EventFd, MemFd, QueueSetup, Result, Step, Transport,
-    VirtioFeatures,
+    Cause, CompletionEvent, DeviceStatus, DmaRegion, Error, EventFd, Hangup, MemFd, QueueSetup, Result, Step,
+    Transport, VirtioFeatures,
 };
+
+mod watchdog;
+use watchdog::Watchdog;
 
 /// The transport name in errors.
 pub const NAME: &str = "vhost-user";
@@ -100,73 +104,6 @@ impl Region {
     }
 }
 
-/// Bounds every request: a thread that shuts the socket down if a request
-/// runs past its deadline, which makes the blocked receive return.
-struct Watchdog {
-    state: Mutex<WatchState>,
-    cv: Condvar,
-}
-
-#[derive(Default)]
-struct WatchState {
-    deadline: Option<Instant>,
-    fired: bool,
-    stop: bool,
-}
-
-impl Watchdog {
-    fn spawn(sock: OwnedFd) -> std::io::Result<Arc<Watchdog>> {
-        let w = Arc::new(Watchdog { state: Mutex::new(WatchState::default()), cv: Condvar::new() });
-        let w2 = Arc::clone(&w);
-        std::thread::Builder::new().name("vhost-user-watchdog".into()).spawn(move || w2.run(sock))?;
-        Ok(w)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, WatchState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn run(&self, sock: OwnedFd) {
-        let mut s = self.lock();
-        loop {
-            if s.stop {
-                return;
-            }
-            s = match s.deadline {
-                None => self.cv.wait(s).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        // SAFETY: `sock` is our own descriptor of the socket.
-                        unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
-                        s.fired = true;
-                        s.deadline = None;
-                        continue;
-                    }
-                    self.cv.wait_timeout(s, d - now).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0)
-                }
-            };
-        }
-    }
-
-    fn arm(&self, timeout: Duration) {
-        self.lock().deadline = Some(Instant::now() + timeout);
-        self.cv.notify_one();
-    }
-
-    /// Disarms; `true` if the deadline had passed and the socket was shut down.
-    fn disarm(&self) -> bool {
-        let mut s = self.lock();
-        s.deadline = None;
-        std::mem::take(&mut s.fired)
-    }
-
-    fn stop(&self) {
-        self.lock().stop = true;
-        self.cv.notify_one();
-    }
-}
-
 /// State shared by the transport and the DMA regions it handed out (they
 /// unregister themselves on drop).
 struct Shared {
@@ -174,7 +111,10 @@ struct Shared {
     sock: RawFd,
     watchdog: Arc<Watchdog>,
     timeout: Duration,
-    disconnected: AtomicBool,
+    /// Raised when the back-end is gone (see [`Shared::mark_disconnected`]
+    /// and the watchdog); the queues' completion events share it.
+    hangup: Hangup,
+    /// Why, as this side found out; empty until then.
     why: Mutex<String>,
     mem_slots: bool,
     regions: Mutex<Vec<Region>>,
@@ -192,14 +132,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn disconnected_error(&self, step: Step, what: &str) -> Error {
-        Error::new(NAME, step, Cause::Disconnected(lock(&self.why).clone())).with_context(what.to_string())
+        let why = lock(&self.why).clone();
+        let why = if why.is_empty() { "the back-end closed the connection".to_string() } else { why };
+        Error::new(NAME, step, Cause::Disconnected(why)).with_context(what.to_string())
     }
 
     fn mark_disconnected(&self, why: String) {
-        if !self.disconnected.swap(true, Ordering::AcqRel) {
-            *lock(&self.why) = why;
+        {
+            let mut w = lock(&self.why);
+            // The first reason given wins; the watchdog raises the flag
+            // without one (a hang-up it saw, or its own shutdown).
+            if w.is_empty() {
+                *w = why;
+            }
         }
-        // Make sure the back-end and every completion event see it too.
+        self.hangup.raise();
+        // Make sure the back-end sees it too.
         // SAFETY: `sock` is the frontend's socket, open while `self` lives.
         unsafe { libc::shutdown(self.sock, libc::SHUT_RDWR) };
     }
@@ -215,7 +163,7 @@ impl Shared {
     /// Runs one request on the frontend, failing fast when the back-end is
     /// gone and bounding the request by the reply timeout.
     fn call<R>(&self, step: Step, what: &str, f: impl FnOnce(&mut Frontend) -> vhost::Result<R>) -> Result<R> {
-        if self.disconnected.load(Ordering::Acquire) {
+        if self.hangup.is_raised() {
             return Err(self.disconnected_error(step, what));
         }
         if self.hung_up() {
@@ -317,7 +265,7 @@ impl Shared {
             return Err(Error::new(NAME, Step::Memory, Cause::InvalidArgument(format!("{addr:#x} is not mapped"))));
         };
         let r = regions.remove(i);
-        if self.disconnected.load(Ordering::Acquire) {
+        if self.hangup.is_raised() {
             return Ok(());
         }
         if self.mem_slots {
@@ -396,14 +344,16 @@ impl VhostUserTransport {
     pub fn from_stream(stream: UnixStream, options: VhostUserOptions) -> Result<Self> {
         let sock = stream.as_raw_fd();
         let watch_fd = stream.try_clone().map_err(|e| Error::os(NAME, Step::Connect, e))?;
-        let watchdog = Watchdog::spawn(OwnedFd::from(watch_fd)).map_err(|e| Error::os(NAME, Step::Connect, e))?;
+        let hangup = Hangup::new();
+        let watchdog =
+            Watchdog::spawn(OwnedFd::from(watch_fd), hangup.clone()).map_err(|e| Error::os(NAME, Step::Connect, e))?;
         let frontend = Frontend::from_stream(stream, 1);
         let mut shared = Shared {
             frontend: Mutex::new(frontend),
             sock,
             watchdog,
             timeout: options.reply_timeout,
-            disconnected: AtomicBool::new(false),
+            hangup,
             why: Mutex::new(String::new()),
             mem_slots: false,
             regions: Mutex::new(Vec::new()),
@@ -461,7 +411,7 @@ impl VhostUserTransport {
 
     /// Whether the back-end is known to be gone.
     pub fn is_disconnected(&self) -> bool {
-        self.shared.disconnected.load(Ordering::Acquire) || self.shared.hung_up()
+        self.shared.hangup.is_raised() || self.shared.hung_up()
     }
 
     fn check_alive(&self, step: Step) -> Result<()> {
@@ -474,16 +424,6 @@ impl VhostUserTransport {
 
     fn invalid(step: Step, msg: String) -> Error {
         Error::new(NAME, step, Cause::InvalidArgument(msg))
-    }
-
-    fn hangup_fd(&self, step: Step) -> Result<OwnedFd> {
-        // SAFETY: `sock` is open while `shared` lives; the dup is ours.
-        let fd = unsafe { libc::fcntl(self.shared.sock, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(Error::last_os(NAME, step).with_context("dup socket"));
-        }
-        // SAFETY: a new descriptor we own.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 }
 
@@ -668,8 +608,7 @@ impl Transport for VhostUserTransport {
             sh.call(step, "SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
         }
         self.started[i] = true;
-        let hangup = self.hangup_fd(step)?;
-        Ok((kick, CompletionEvent::new(NAME, index, call, Some(hangup))))
+        Ok((kick, CompletionEvent::with_hangup(NAME, index, call, &self.shared.hangup)?))
     }
 
     fn alloc_dma(&self, len: usize) -> Result<DmaRegion> {

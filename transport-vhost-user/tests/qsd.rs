@@ -137,12 +137,13 @@ fn round_trip<N: Notifier>(
             assert_eq!(used.token, token);
             return used.len;
         }
+        let cleared = done.clear().unwrap();
         if q.enable_used_notifications().unwrap() {
             continue;
         }
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(!left.is_zero(), "no completion within 10 s");
-        let _ = done.wait(Some(left)).unwrap();
+        let _ = cleared.wait(Some(left)).unwrap();
     }
 }
 
@@ -247,8 +248,9 @@ fn a_killed_daemon_fails_everything_fast() {
 
     let start = Instant::now();
     let err = loop {
+        let cleared = done.clear().unwrap();
         while q.pop_used().unwrap().is_some() {}
-        match done.wait(Some(Duration::from_secs(5))) {
+        match cleared.wait(Some(Duration::from_secs(5))) {
             Ok(Wait::Signalled) => continue,
             Ok(Wait::TimedOut) => panic!("wait timed out instead of reporting the dead back-end"),
             Err(e) => break e,
@@ -268,7 +270,7 @@ fn a_killed_daemon_fails_everything_fast() {
     assert!(e.is_disconnected(), "{e}");
     let e = t.status().unwrap_err();
     assert!(e.is_disconnected(), "{e}");
-    let e = done.wait(None).unwrap_err();
+    let e = done.clear().unwrap().wait(None).unwrap_err();
     assert!(e.is_disconnected(), "{e}");
     assert!(e.to_string().starts_with("vhost-user: wait for completion (queue 0): backend disconnected"), "{e}");
     assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());

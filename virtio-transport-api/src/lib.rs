@@ -26,6 +26,7 @@ pub mod dma;
 pub mod error;
 pub mod event;
 pub mod features;
+pub mod hangup;
 pub mod iova;
 #[cfg(feature = "loopback")]
 pub mod loopback;
@@ -34,8 +35,9 @@ pub mod transport;
 
 pub use dma::DmaRegion;
 pub use error::{Cause, Error, Result, Step};
-pub use event::{CompletionEvent, EventFd, Notifier, Wait};
+pub use event::{Cleared, CompletionEvent, EventFd, Notifier, Wait};
 pub use features::{DeviceStatus, VirtioFeatures};
+pub use hangup::Hangup;
 pub use iova::{IovaAllocator, IovaError};
 pub use memfd::MemFd;
 pub use transport::{

@@ -608,8 +608,11 @@ fn worker_loop<D: LoopbackDevice>(
     kick: EventFd,
     stop: Arc<AtomicBool>,
 ) {
-    let wait = CompletionEvent::new(NAME, 0, kick, None);
+    let wait = CompletionEvent::new(NAME, 0, kick);
     while !stop.load(Ordering::Acquire) {
+        // Kicks so far are answered by the serving below; one after this
+        // clear ends the wait.
+        let Ok(cleared) = wait.clear() else { return };
         {
             let mut q = lock(&q);
             loop {
@@ -624,7 +627,7 @@ fn worker_loop<D: LoopbackDevice>(
             }
         }
         // A stop or a kick wakes the wait; the timeout is a safety net only.
-        let _ = wait.wait(Some(Duration::from_millis(500)));
+        let _ = cleared.wait(Some(Duration::from_millis(500)));
     }
 }
 
@@ -769,8 +772,7 @@ impl<D: LoopbackDevice> Transport for LoopbackTransport<D> {
         }
         .map_err(|e| Self::err(step, e.to_string()))?;
         let call = EventFd::new()?;
-        let completion =
-            CompletionEvent::new(NAME, index, call.try_clone().map_err(|e| Error::os(NAME, step, e))?, None);
+        let completion = CompletionEvent::new(NAME, index, call.try_clone().map_err(|e| Error::os(NAME, step, e))?);
         let q = Arc::new(Mutex::new(QueueModel { model, _memory: memory, _keep: keep, index, call, failed: None }));
         lock(&self.shared.queues).push(q.clone());
         let notifier = match self.mode {
@@ -1017,8 +1019,9 @@ mod tests {
                     if let Some(u) = r.q.pop_used().unwrap() {
                         break u;
                     }
+                    let cleared = r.done.clear().unwrap();
                     if !r.q.enable_used_notifications().unwrap() {
-                        let w = r.done.wait(Some(Duration::from_secs(10))).unwrap();
+                        let w = cleared.wait(Some(Duration::from_secs(10))).unwrap();
                         assert!(matches!(w, Wait::Signalled), "token {token}: no completion");
                     }
                 };

@@ -304,7 +304,7 @@ mod tests {
         }
         fn setup_queue(&mut self, index: u16, _setup: &QueueSetup) -> Result<(EventFd, CompletionEvent)> {
             let call = EventFd::new()?;
-            Ok((EventFd::new()?, CompletionEvent::new("fake", index, call, None)))
+            Ok((EventFd::new()?, CompletionEvent::new("fake", index, call)))
         }
         fn alloc_dma(&self, len: usize) -> Result<DmaRegion> {
             let m = MemFd::new("fake", len).map_err(|e| Error::os("fake", Step::Memory, e))?;

@@ -263,28 +263,38 @@ impl<T: Transport> BlkQueue<T> {
         }
     }
 
-    /// Asks for a used-buffer notification (after half of the requests in
-    /// flight if `delayed`), then re-checks the ring and sleeps on the
-    /// completion event only if nothing raced with the request. A broken ring
-    /// or a failed wait completes everything in flight (`fail_all`): the
-    /// caller's next poll sees it. Only a deadline that passes gives
-    /// [`Slept::TimedOut`].
+    /// Clears the completion event, asks for a used-buffer notification
+    /// (after half of the requests in flight if `delayed`), then re-checks the
+    /// ring and sleeps on the event only if nothing raced with the request
+    /// (the order [`CompletionEvent`](virtio_transport_api::CompletionEvent)
+    /// asks for). Callers come here after they have resubmitted and kicked, so
+    /// the read that clears the event is not between a wake-up and the next
+    /// request. A broken ring or a failed wait completes everything in flight
+    /// (`fail_all`): the caller's next poll sees it. Only a deadline that
+    /// passes gives [`Slept::TimedOut`].
     pub(super) fn sleep_for_completion(&mut self, delayed: bool, left: Option<Duration>) -> Slept {
+        let cleared = match self.event.clear() {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail_all(&BlkError::Transport(e));
+                return Slept::Ready;
+            }
+        };
         let armed = if delayed {
             self.vq.enable_used_notifications_delayed_by(UsedDelay::Half)
         } else {
             self.vq.enable_used_notifications()
         };
-        match armed {
+        let slept = match armed {
             Ok(true) => return Slept::Ready,
-            Ok(false) => {}
+            Ok(false) => cleared.wait(left),
             Err(e) => {
                 self.fail_all(&BlkError::Queue(e));
                 return Slept::Ready;
             }
-        }
+        };
         self.waits += 1;
-        match self.event.wait(left) {
+        match slept {
             Ok(Wait::Signalled) => Slept::Ready,
             Ok(Wait::TimedOut) => Slept::TimedOut,
             Err(e) => {
