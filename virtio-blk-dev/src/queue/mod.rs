@@ -406,6 +406,9 @@ impl<T: Transport> BlkQueue<T> {
     }
 
     /// The completion event, to add to the caller's own `poll`/`epoll` set.
+    /// When the back-end goes away the event is signalled too and its
+    /// [`hangup`](CompletionEvent::hangup) flag is raised; a
+    /// [`BlkQueue::wait`] then completes everything in flight with errors.
     pub fn completion_event(&self) -> &CompletionEvent {
         &self.event
     }
