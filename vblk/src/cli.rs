@@ -229,6 +229,12 @@ pub struct BenchArgs {
     /// Sleep on the completion eventfd (BlkQueue::wait) when nothing has completed.
     #[arg(long)]
     pub interrupt: bool,
+    /// With --interrupt: hybrid waiting. With at most two requests in flight, poll the used
+    /// ring for up to N microseconds (1-1000) before sleeping; a spin that runs out makes the
+    /// next 1, 2, 4 ... 64 waits sleep at once (BlkQueue::set_spin_before_sleep).
+    #[arg(long, value_name = "N", requires = "interrupt",
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub spin_us: Option<u64>,
     /// With --interrupt: wake up after the first completion, instead of asking the device
     /// (EVENT_IDX) to signal once half of the requests in flight have completed.
     #[arg(long)]

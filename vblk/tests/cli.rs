@@ -272,6 +272,7 @@ fn bench(target: &[&str], rw: &str, mode: &str) -> serde_json::Value {
     assert!(v["target"].is_string(), "{ctx}");
     assert_eq!(v["batch_completions"], mode == "--interrupt", "{ctx}");
     assert_eq!(v["poll_pacing"], mode == "--poll", "{ctx}");
+    assert_eq!(v["spin_us"], serde_json::Value::Null, "{ctx}");
     assert!(v["kicks"].is_u64() && v["waits"].is_u64(), "{ctx}");
     if mode == "--poll" {
         assert_eq!(v["waits"], 0, "{ctx}");
@@ -329,6 +330,25 @@ fn bench_over_vhost_user() {
     ]));
     assert_eq!((&v["mode"], &v["poll_pacing"]), (&"poll".into(), &false.into()), "{v}");
     assert!(v["ios"].as_u64().unwrap() > 0 && v["errors"] == 0, "{v}");
+    // Hybrid waiting at depth 1: a 1 ms spin catches most completions of the
+    // server (without it every request sleeps once), even on a busy machine.
+    let v = json(&ok(&[
+        "bench",
+        "--json",
+        "--runtime",
+        "0.3",
+        "--interrupt",
+        "--spin-us",
+        "1000",
+        "--iodepth",
+        "1",
+        "--vhost-user",
+        srv.sock(),
+    ]));
+    assert_eq!((&v["mode"], &v["spin_us"]), (&"interrupt".into(), &1000.into()), "{v}");
+    let ios = v["ios"].as_u64().unwrap();
+    assert!(ios > 0 && v["errors"] == 0, "{v}");
+    assert!(v["waits"].as_u64().unwrap() * 2 < ios, "most completions were found by the spin: {v}");
 }
 
 #[test]
@@ -343,6 +363,9 @@ fn bad_arguments_and_targets_get_one_line() {
         &["bench", "--bs", "4Q"],
         &["bench", "--runtime", "0"],
         &["bench", "--interrupt", "--no-pacing"],
+        &["bench", "--spin-us", "10"],
+        &["bench", "--interrupt", "--spin-us", "0"],
+        &["bench", "--interrupt", "--spin-us", "1001"],
         &["bench", "--rw", "sideways"],
         &["bench", "--size", "64M", "--offset", "100"],
         &["bench", "--offset", "2G"],

@@ -383,6 +383,84 @@ fn batched_completions_lose_nothing() {
     }
 }
 
+/// Hybrid waiting: with a spin limit far above the model device's answer
+/// time, waits at depth 1 and 2 find their completions without sleeping.
+#[test]
+fn spin_before_sleep_finds_fast_completions_without_sleeping() {
+    for ring in [VirtioFeatures::EVENT_IDX, VirtioFeatures::EVENT_IDX | VirtioFeatures::RING_PACKED] {
+        let (mut dev, h) = open(fake(all_blk(), ring, 1), BlkOptions { packed: true, ..BlkOptions::default() });
+        let mut bufs = dev.alloc_bufs(4096, 2).unwrap();
+        let mut q = dev.take_queue(0).unwrap();
+        assert_eq!(q.spin_before_sleep(), None);
+        q.set_spin_before_sleep(Some(Duration::from_secs(2)));
+        assert_eq!(q.spin_before_sleep(), Some(Duration::from_secs(2)));
+        for n in (0..100).map(|i| 1 + i % 2) {
+            for i in 0..n {
+                let b = bufs.pop().unwrap();
+                q.submit_read(i as u64 * 4096, b, i as u64).map_err(|r| r.error).unwrap();
+            }
+            for _ in 0..n {
+                let c = q.wait(Some(Duration::from_secs(10))).expect("a completion within 10 s");
+                c.result.unwrap();
+                let Bufs::One(b) = c.bufs else { panic!("one buffer") };
+                bufs.push(b);
+            }
+        }
+        assert_eq!(q.waits(), 0, "every completion at depth 1 and 2 was found by the spin");
+        assert_followed_protocol(&h);
+    }
+}
+
+/// CPU time of the calling thread, in clock ticks (utime + stime of
+/// `/proc/thread-self/stat`).
+fn thread_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // The fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Hybrid waiting against a device that does not answer: at depth 1 the
+/// spin runs out (within the wait's timeout) and the wait sleeps for the
+/// rest of it; at depth 3 it does not spin at all.
+#[test]
+fn spin_before_sleep_gives_up_and_skips_deep_queues() {
+    let open_manual = || {
+        let disk = RamDisk::new(SECTORS).offer(all_blk(), VirtioFeatures::EVENT_IDX);
+        BlkDevice::open(LoopbackTransport::new(disk, ServiceMode::Manual), BlkOptions::default()).unwrap()
+    };
+    let mut dev = open_manual();
+    let mut q = dev.take_queue(0).unwrap();
+    q.set_spin_before_sleep(Some(Duration::from_millis(200)));
+    q.submit_flush(1).unwrap();
+    let (start, cpu) = (std::time::Instant::now(), thread_cpu_ticks());
+    assert!(q.wait(Some(Duration::from_millis(500))).is_none());
+    let (took, spun) = (start.elapsed(), thread_cpu_ticks() - cpu);
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(1500), "{took:?}");
+    assert!(spun >= 5, "the spin ran: {spun} ticks of CPU");
+    assert_eq!(q.waits(), 1, "it slept after the spin");
+    // A spin never outlasts the wait's timeout (a new limit starts afresh,
+    // without the skips the miss above earned).
+    q.set_spin_before_sleep(Some(Duration::from_secs(30)));
+    let start = std::time::Instant::now();
+    assert!(q.wait(Some(Duration::from_millis(100))).is_none());
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+
+    let mut dev = open_manual();
+    let mut q = dev.take_queue(0).unwrap();
+    q.set_spin_before_sleep(Some(Duration::from_secs(30)));
+    for tag in 0..3 {
+        q.submit_flush(tag).unwrap();
+    }
+    let cpu = thread_cpu_ticks();
+    assert!(q.wait(Some(Duration::from_millis(500))).is_none());
+    let spun = thread_cpu_ticks() - cpu;
+    assert!(spun < 25, "depth 3 slept instead of spinning: {spun} ticks of CPU in a 500 ms wait");
+    assert_eq!(q.waits(), 1);
+}
+
 /// The operation suite the vhost-user and VM tiers run, against the model device (two queues,
 /// both ring formats): keeps `operation_suite!` itself tested on every host.
 mod suite_on_the_model {

@@ -49,6 +49,8 @@ struct Job {
     interrupt: bool,
     /// With `interrupt`: `BlkQueue::set_batch_completions`.
     batch_completions: bool,
+    /// With `interrupt`: `BlkQueue::set_spin_before_sleep`.
+    spin: Option<Duration>,
     /// Without `interrupt`: hold off polling after each pass as `PollPacer` says.
     pacing: bool,
     runtime: Duration,
@@ -238,6 +240,7 @@ impl Worker {
     fn run(mut self, barrier: &Barrier, progress: &Progress) -> Finished {
         let job = self.picker.job;
         self.q.set_batch_completions(job.interrupt && job.batch_completions);
+        self.q.set_spin_before_sleep(job.spin.filter(|_| job.interrupt));
         barrier.wait();
         let cpu0 = thread_cpu_ns();
         let (kicks0, waits0) = (self.q.kicks(), self.q.waits());
@@ -354,6 +357,8 @@ struct Report {
     queues: u16,
     interrupt: bool,
     batch_completions: bool,
+    /// Interrupt mode with hybrid waiting: the spin limit in µs.
+    spin_us: Option<u64>,
     /// Poll mode with `PollPacer` holds.
     pacing: bool,
     /// Every queue put one-buffer requests straight into the ring.
@@ -399,6 +404,7 @@ impl Report {
             "queues": self.queues,
             "mode": self.mode(),
             "batch_completions": self.batch_completions,
+            "spin_us": self.spin_us,
             "poll_pacing": self.pacing,
             "direct_descriptors": self.direct_descriptors,
             "runtime_s": self.runtime_s,
@@ -436,11 +442,17 @@ impl Report {
             human_bytes(self.bs),
             self.iodepth,
             self.queues,
-            match (self.interrupt, self.batch_completions) {
-                (true, true) => "interrupt (batched completions)",
-                (true, false) => "interrupt",
-                (false, _) if self.pacing => "poll (paced)",
-                (false, _) => "poll",
+            {
+                let mode = match (self.interrupt, self.batch_completions) {
+                    (true, true) => "interrupt (batched completions)",
+                    (true, false) => "interrupt",
+                    (false, _) if self.pacing => "poll (paced)",
+                    (false, _) => "poll",
+                };
+                match self.spin_us {
+                    Some(us) => format!("{mode}, spin up to {us} µs"),
+                    None => mode.to_string(),
+                }
             },
             self.runtime_s,
             t.ios,
@@ -534,6 +546,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             first_block: blocks / u64::from(nq) * i as u64,
             interrupt: a.interrupt,
             batch_completions: !a.no_batch_completions,
+            spin: a.spin_us.map(Duration::from_micros),
             pacing,
             runtime: Duration::from_secs_f64(a.runtime),
             seed: 0x5eed ^ (i as u64).wrapping_mul(0x9e37_79b9),
@@ -614,6 +627,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         queues: nq,
         interrupt: a.interrupt,
         batch_completions: a.interrupt && !a.no_batch_completions,
+        spin_us: a.spin_us.filter(|_| a.interrupt),
         pacing,
         direct_descriptors,
         runtime_s: runtime.as_secs_f64(),
@@ -647,6 +661,7 @@ mod tests {
             first_block,
             interrupt: false,
             batch_completions: false,
+            spin: None,
             pacing: false,
             runtime: Duration::from_secs(1),
             seed: 3,

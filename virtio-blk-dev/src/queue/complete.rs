@@ -234,10 +234,33 @@ impl<T: Transport> BlkQueue<T> {
         self.batch_completions = on;
     }
 
+    /// Hybrid waiting: with `Some(limit)`, a [`BlkQueue::wait`] with at most
+    /// two requests in flight polls the used ring for up to `limit` before it
+    /// sleeps, and one that runs out of time makes the next 1, 2, 4 … 64
+    /// waits skip the spin until a spin finds its completion again. Off
+    /// (`None`) by default: then every wait that finds nothing sleeps.
+    ///
+    /// A spin pays while the device answers faster than a sleep and a
+    /// wake-up cost; at depth, batched sleeps serve many completions each and
+    /// spinning would only burn CPU, hence the depth limit. Against
+    /// qemu-storage-daemon at depth 1, a 10 µs limit gave ~5× the IOPS of
+    /// sleeping at half the CPU per request (figures and the command in
+    /// `virtio-blk-dev/README.md`).
+    pub fn set_spin_before_sleep(&mut self, limit: Option<Duration>) {
+        self.spin = limit.map(super::spin::SpinWait::new);
+    }
+
+    /// The limit set with [`BlkQueue::set_spin_before_sleep`].
+    pub fn spin_before_sleep(&self) -> Option<Duration> {
+        self.spin.as_ref().map(|s| s.limit())
+    }
+
     /// Waits up to `timeout` (`None`: no limit) for the next finished
     /// request. Returns `None` on timeout or when nothing is in flight. A
     /// backend that goes away completes every request in flight with a
-    /// [`BlkError::Transport`] error.
+    /// [`BlkError::Transport`] error. With
+    /// [`set_spin_before_sleep`](BlkQueue::set_spin_before_sleep) it may poll
+    /// for a while before it sleeps.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Option<Completion> {
         let deadline = timeout.map(|t| Instant::now() + t);
         // The first sleep takes `timeout` as it is (the deadline was just
@@ -248,8 +271,16 @@ impl<T: Transport> BlkQueue<T> {
                 self.vq.disable_used_notifications();
                 return Some(c);
             }
-            if self.vq.in_flight() == 0 {
+            let in_flight = self.vq.in_flight() as usize;
+            if in_flight == 0 {
                 return None;
+            }
+            if first && self.spin.is_some() {
+                if let Some(c) = self.spin_for_completion(in_flight, timeout) {
+                    return Some(c);
+                }
+                // The sleep gets what the spin left of the timeout.
+                first = false;
             }
             let left = match std::mem::take(&mut first) {
                 true => timeout,
@@ -261,6 +292,15 @@ impl<T: Transport> BlkQueue<T> {
                 return c;
             }
         }
+    }
+
+    /// The spin of hybrid waiting, if it is on and wanted at `in_flight`,
+    /// never longer than the wait's `timeout`.
+    fn spin_for_completion(&mut self, in_flight: usize, timeout: Option<Duration>) -> Option<Completion> {
+        let mut spin = self.spin?;
+        let found = if spin.should_spin(in_flight) { spin.spin(timeout, || self.poll()) } else { None };
+        self.spin = Some(spin);
+        found
     }
 
     /// Clears the completion event, asks for a used-buffer notification

@@ -12,6 +12,7 @@
 mod areas;
 mod blocking;
 mod complete;
+mod spin;
 mod submit;
 mod validate;
 
@@ -209,6 +210,8 @@ pub struct BlkQueue<T: Transport> {
     /// `wait` asks for a notification only after most of the requests in
     /// flight have completed (EVENT_IDX), instead of after the first.
     batch_completions: bool,
+    /// Hybrid waiting ([`BlkQueue::set_spin_before_sleep`]), if on.
+    spin: Option<spin::SpinWait>,
     /// Kicks sent (notifier writes), for [`BlkQueue::kicks`].
     kicks: u64,
     /// Sleeps on the completion eventfd, for [`BlkQueue::waits`].
@@ -344,6 +347,7 @@ impl<T: Transport> BlkQueue<T> {
             name,
             index,
             batch_completions: false,
+            spin: None,
             kicks: 0,
             waits: 0,
             mem: Retained { region: ManuallyDrop::new(mem), graveyard: graveyard.clone() },
