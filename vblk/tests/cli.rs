@@ -303,48 +303,22 @@ fn bench_over_vhost_user() {
     let v = bench(&["--vhost-user", srv.sock()], "randrw", "--interrupt");
     assert_eq!(v["target"], format!("vhost-user:{}", srv.sock()));
     bench(&["--vhost-user", srv.sock()], "read", "--poll");
-    let v = json(&ok(&[
-        "bench",
-        "--json",
-        "--runtime",
-        "0.3",
-        "--interrupt",
-        "--no-batch-completions",
-        "--iodepth",
-        "8",
-        "--vhost-user",
-        srv.sock(),
-    ]));
+    // A short run over the server with `extra` options.
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "--json", "--runtime", "0.3"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--vhost-user", srv.sock()]);
+        json(&ok(&args))
+    };
+    let v = run(&["--interrupt", "--no-batch-completions", "--iodepth", "8"]);
     assert_eq!(v["batch_completions"], false, "{v}");
     assert!(v["ios"].as_u64().unwrap() > 0 && v["errors"] == 0, "{v}");
-    let v = json(&ok(&[
-        "bench",
-        "--json",
-        "--runtime",
-        "0.3",
-        "--no-pacing",
-        "--iodepth",
-        "8",
-        "--vhost-user",
-        srv.sock(),
-    ]));
+    let v = run(&["--no-pacing", "--iodepth", "8"]);
     assert_eq!((&v["mode"], &v["poll_pacing"]), (&"poll".into(), &false.into()), "{v}");
     assert!(v["ios"].as_u64().unwrap() > 0 && v["errors"] == 0, "{v}");
     // Hybrid waiting at depth 1: a 1 ms spin catches most completions of the
     // server (without it every request sleeps once), even on a busy machine.
-    let v = json(&ok(&[
-        "bench",
-        "--json",
-        "--runtime",
-        "0.3",
-        "--interrupt",
-        "--spin-us",
-        "1000",
-        "--iodepth",
-        "1",
-        "--vhost-user",
-        srv.sock(),
-    ]));
+    let v = run(&["--interrupt", "--spin-us", "1000", "--iodepth", "1"]);
     assert_eq!((&v["mode"], &v["spin_us"]), (&"interrupt".into(), &1000.into()), "{v}");
     let ios = v["ios"].as_u64().unwrap();
     assert!(ios > 0 && v["errors"] == 0, "{v}");
