@@ -6,11 +6,12 @@
 //! hands the token back) and that a reset returns each outstanding token
 //! exactly once. A [`Ledger`] follows every token so none comes back twice.
 
+mod common;
+
 use virtio_queue_core::device::{AvailChain, DescInfo, DeviceConfig, PackedDevice, SplitDevice};
 use virtio_queue_core::layout::DescFlags;
 use virtio_queue_core::{
-    AddError, Buffer, DeviceError, DriverQueue, Error, PackedQueue, QueueConfig, RingFeatures, RingLayout, SharedLine,
-    SharedMemory, Slot, SplitQueue,
+    AddError, Buffer, DeviceError, DriverQueue, Error, PackedQueue, RingFeatures, SharedMemory, SplitQueue,
 };
 
 const SIZE: u16 = 8;
@@ -29,17 +30,7 @@ fn split<R>(
     features: RingFeatures,
     f: impl FnOnce(&mut SplitQueue<'_, u32>, &mut SplitDevice<'_>, SharedMemory<'_>) -> R,
 ) -> R {
-    let layout = RingLayout::split(SIZE).unwrap();
-    let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
-    let ring = SharedMemory::new(&lines);
-    let mut slots: Vec<Slot<u32>> = (0..SIZE).map(|_| Slot::new()).collect();
-    let mut q = SplitQueue::new(
-        QueueConfig { queue_size: SIZE, ring, ring_iova: 0x10000, features, indirect: None },
-        slots.as_mut_slice(),
-    )
-    .unwrap();
-    let mut dev = SplitDevice::new(DeviceConfig { layout, ring, features, memory: &[] }).unwrap();
-    f(&mut q, &mut dev, ring)
+    common::with_split(SIZE, features, f)
 }
 
 /// Runs `f` on a size-8 packed queue and a packed device over the same ring.
@@ -47,18 +38,7 @@ fn packed<R>(
     features: RingFeatures,
     f: impl FnOnce(&mut PackedQueue<'_, u32>, &mut PackedDevice<'_>, SharedMemory<'_>) -> R,
 ) -> R {
-    let layout = RingLayout::packed(SIZE).unwrap();
-    let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
-    let ring = SharedMemory::new(&lines);
-    let mut slots: Vec<Slot<u32>> = (0..SIZE).map(|_| Slot::new()).collect();
-    let features = features | RingFeatures::RING_PACKED;
-    let mut q = PackedQueue::new(
-        QueueConfig { queue_size: SIZE, ring, ring_iova: 0x10000, features, indirect: None },
-        slots.as_mut_slice(),
-    )
-    .unwrap();
-    let mut dev = PackedDevice::new(DeviceConfig { layout, ring, features, memory: &[] }).unwrap();
-    f(&mut q, &mut dev, ring)
+    common::with_packed(SIZE, features, f)
 }
 
 fn ev() -> RingFeatures {

@@ -3,10 +3,10 @@
 //! the device used them, ahead of older free entries; `pop_used` frees one
 //! chain at a time at the front. Both ring formats, with the model device.
 
-use virtio_queue_core::device::{AvailChain, DeviceConfig, PackedDevice, SplitDevice};
-use virtio_queue_core::{
-    Buffer, PackedQueue, QueueConfig, RingFeatures, RingLayout, SharedLine, SharedMemory, Slot, SplitQueue,
-};
+mod common;
+
+use virtio_queue_core::device::{AvailChain, PackedDevice, SplitDevice};
+use virtio_queue_core::{Buffer, RingFeatures};
 
 const SIZE: u16 = 16;
 
@@ -32,7 +32,7 @@ macro_rules! scenarios {
         assert_eq!(chains.iter().map(|c| c.id).collect::<Vec<_>>(), ids);
         let order = [2usize, 0, 3, 1];
         for &i in &order {
-            $used(&mut $dev, &chains[i]);
+            $used(&mut *$dev, &chains[i]);
         }
         $dev.publish_used();
 
@@ -56,8 +56,8 @@ macro_rules! scenarios {
 
         // A batch ends when a chain is taken: the next drain's chains go in
         // front of what is left of it.
-        $used(&mut $dev, &chains[0]);
-        $used(&mut $dev, &chains[1]);
+        $used(&mut *$dev, &chains[0]);
+        $used(&mut *$dev, &chains[1]);
         $dev.publish_used();
         assert_eq!($q.drain_used(|_| ()).unwrap(), 2);
         let (r, w) = chain(8);
@@ -65,7 +65,7 @@ macro_rules! scenarios {
         $q.publish().unwrap();
         let taken = $dev.pop_avail().unwrap().unwrap();
         assert_eq!(taken.id, chains[0].id);
-        $used(&mut $dev, &chains[2]);
+        $used(&mut *$dev, &chains[2]);
         $dev.publish_used();
         assert_eq!($q.drain_used(|_| ()).unwrap(), 1);
         assert_eq!($q.next_id(), Some(chains[2].id), "a new batch goes to the front");
@@ -74,8 +74,8 @@ macro_rules! scenarios {
         assert_eq!($q.next_id(), Some(chains[1].id), "then the rest of the older batch");
 
         // `pop_used` frees one chain at a time, at the front.
-        $used(&mut $dev, &chains[3]);
-        $used(&mut $dev, &taken);
+        $used(&mut *$dev, &chains[3]);
+        $used(&mut *$dev, &taken);
         $dev.publish_used();
         assert_eq!($q.pop_used().unwrap().map(|u| u.token), Some(7));
         assert_eq!($q.pop_used().unwrap().map(|u| u.token), Some(8));
@@ -85,32 +85,14 @@ macro_rules! scenarios {
 
 #[test]
 fn split_chains_are_reused_in_the_order_they_were_used() {
-    let layout = RingLayout::split(SIZE).unwrap();
-    let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
-    let ring = SharedMemory::new(&lines);
-    let features = RingFeatures::EVENT_IDX;
-    let mut slots: Vec<Slot<u32>> = (0..SIZE).map(|_| Slot::new()).collect();
-    let mut q = SplitQueue::new(
-        QueueConfig { queue_size: SIZE, ring, ring_iova: 0x10000, features, indirect: None },
-        slots.as_mut_slice(),
-    )
-    .unwrap();
-    let mut dev = SplitDevice::new(DeviceConfig { layout, ring, features, memory: &[] }).unwrap();
-    scenarios!(q, dev, |d: &mut SplitDevice<'_>, c: &AvailChain| d.push_used(u32::from(c.id), 512));
+    common::with_split(SIZE, RingFeatures::EVENT_IDX, |q, dev, _| {
+        scenarios!(q, dev, |d: &mut SplitDevice<'_>, c: &AvailChain| d.push_used(u32::from(c.id), 512));
+    });
 }
 
 #[test]
 fn packed_ids_are_reused_in_the_order_they_were_used() {
-    let layout = RingLayout::packed(SIZE).unwrap();
-    let lines: Vec<SharedLine> = (0..layout.lines()).map(|_| SharedLine::new()).collect();
-    let ring = SharedMemory::new(&lines);
-    let features = RingFeatures::EVENT_IDX | RingFeatures::RING_PACKED;
-    let mut slots: Vec<Slot<u32>> = (0..SIZE).map(|_| Slot::new()).collect();
-    let mut q = PackedQueue::new(
-        QueueConfig { queue_size: SIZE, ring, ring_iova: 0x10000, features, indirect: None },
-        slots.as_mut_slice(),
-    )
-    .unwrap();
-    let mut dev = PackedDevice::new(DeviceConfig { layout, ring, features, memory: &[] }).unwrap();
-    scenarios!(q, dev, |d: &mut PackedDevice<'_>, c: &AvailChain| d.push_used(c, 512));
+    common::with_packed(SIZE, RingFeatures::EVENT_IDX, |q, dev, _| {
+        scenarios!(q, dev, |d: &mut PackedDevice<'_>, c: &AvailChain| d.push_used(c, 512));
+    });
 }
