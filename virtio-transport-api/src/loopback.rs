@@ -612,7 +612,7 @@ fn worker_loop<D: LoopbackDevice>(
     while !stop.load(Ordering::Acquire) {
         // Kicks so far are answered by the serving below; one after this
         // clear ends the wait.
-        let Ok(cleared) = wait.clear() else { return };
+        let cleared = wait.clear();
         {
             let mut q = lock(&q);
             loop {
@@ -627,7 +627,14 @@ fn worker_loop<D: LoopbackDevice>(
             }
         }
         // A stop or a kick wakes the wait; the timeout is a safety net only.
-        let _ = cleared.wait(Some(Duration::from_millis(500)));
+        // An eventfd that cannot be cleared cannot be slept on: the queue is
+        // then looked at every millisecond instead of the thread stopping.
+        match cleared {
+            Ok(c) => {
+                let _ = c.wait(Some(Duration::from_millis(500)));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
     }
 }
 

@@ -240,7 +240,7 @@ impl Worker {
     fn run(mut self, barrier: &Barrier, progress: &Progress) -> Finished {
         let job = self.picker.job;
         self.q.set_batch_completions(job.interrupt && job.batch_completions);
-        self.q.set_spin_before_sleep(job.spin.filter(|_| job.interrupt));
+        self.q.set_spin_before_sleep(job.spin);
         barrier.wait();
         let cpu0 = thread_cpu_ns();
         let (kicks0, waits0) = (self.q.kicks(), self.q.waits());
@@ -627,7 +627,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         queues: nq,
         interrupt: a.interrupt,
         batch_completions: a.interrupt && !a.no_batch_completions,
-        spin_us: a.spin_us.filter(|_| a.interrupt),
+        spin_us: a.spin_us,
         pacing,
         direct_descriptors,
         runtime_s: runtime.as_secs_f64(),
