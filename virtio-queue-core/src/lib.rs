@@ -10,6 +10,8 @@
 //! * [`shared`]: the only code that touches device-visible memory.
 //! * [`SplitQueue`] and [`PackedQueue`]: driver-side queues of both formats;
 //!   [`Virtqueue`] wraps either behind one statically dispatched type.
+//! * [`UsedIdHint`]: looking ahead at used entries not taken yet, to prefetch
+//!   the memory of their requests.
 //! * `device` (feature `device-model`): a device side of both formats that can
 //!   misbehave on purpose, for tests, fuzzing, loom models and benchmarks.
 //!
@@ -52,6 +54,7 @@ pub mod shared;
 
 mod error;
 mod frame;
+mod lookahead;
 mod notify;
 mod slots;
 
@@ -65,6 +68,7 @@ pub mod device;
 pub use error::{AddError, DeviceError, Error};
 pub use frame::ChainFrame;
 pub use layout::{LayoutError, RingFeatures, RingFormat, RingLayout};
+pub use lookahead::UsedIdHint;
 pub use notify::UsedDelay;
 pub use packed::{OwnedPackedQueue, PackedQueue};
 pub use shared::{SharedLine, SharedMemory};

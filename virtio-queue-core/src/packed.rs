@@ -23,7 +23,7 @@ use crate::notify::{need_event, packed_event_position, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
 use crate::slots::{check_chain, FreedBatch, IndirectTables, Slot, SlotStorage, SlotTable};
 use crate::split::QueueConfig;
-use crate::{Buffer, QueueAddresses, Used};
+use crate::{Buffer, QueueAddresses, Used, UsedIdHint};
 
 /// Driver side of a packed virtqueue over caller-provided memory.
 ///
@@ -906,15 +906,45 @@ impl<'a, T, S: SlotStorage<T>> PackedQueue<'a, T, S> {
             if covered > u32::from(bufs) {
                 return true;
             }
-            let p = u32::from(pos) + step;
-            if p >= u32::from(self.size) {
-                pos = (p % u32::from(self.size)) as u16;
-                wrap = !wrap;
-            } else {
-                pos = p as u16;
-            }
+            (pos, wrap) = self.position_after(pos, wrap, step);
         }
         true
+    }
+
+    /// The ring position `step` descriptors after `pos` in lap `wrap`.
+    #[inline(always)]
+    fn position_after(&self, pos: u16, wrap: bool, step: u32) -> (u16, bool) {
+        let p = u32::from(pos) + step;
+        if p >= u32::from(self.size) {
+            ((p % u32::from(self.size)) as u16, !wrap)
+        } else {
+            (p as u16, wrap)
+        }
+    }
+
+    /// Hands `f` the id of every used descriptor the device has marked and
+    /// the queue not taken yet, in ring order, unchecked (see
+    /// [`UsedIdHint`]); takes nothing. Used descriptors are not at fixed
+    /// positions (see `used_beyond`), so the walk steps over each chain's
+    /// positions as the queue recorded them, and stops at the first id that
+    /// is not a published chain in flight; at most one ring's worth. Under
+    /// IN_ORDER it hands over nothing: a batch's chains are not named by
+    /// its descriptor.
+    #[inline]
+    pub fn peek_used_ids(&self, mut f: impl FnMut(UsedIdHint)) {
+        if self.in_order || self.batch_remaining > 0 {
+            return;
+        }
+        let (mut pos, mut wrap) = (self.next_used, self.used_wrap);
+        for _ in 0..self.size {
+            if !self.is_used(pos, wrap) {
+                return;
+            }
+            let (id, _) = self.used_desc(pos);
+            f(UsedIdHint(id));
+            let Some(step) = self.slots.published_ring_descs(id, self.published_seq) else { return };
+            (pos, wrap) = self.position_after(pos, wrap, u32::from(step));
+        }
     }
 
     /// Forgets every chain (giving each token to `each`), clears the broken

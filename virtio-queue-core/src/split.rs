@@ -18,7 +18,7 @@ use crate::layout::{off, AvailFlags, DescFlags, LayoutError, RingFeatures, RingF
 use crate::notify::{need_event, UsedDelay};
 use crate::shared::{fence_store_before_load, Ordering, SharedMemory};
 use crate::slots::{check_chain, FreedBatch, IndirectTables, Slot, SlotStorage, SlotTable};
-use crate::{Buffer, QueueAddresses, Used};
+use crate::{Buffer, QueueAddresses, Used, UsedIdHint};
 
 /// Everything a queue is built from except its slots.
 #[derive(Clone, Copy, Debug)]
@@ -739,6 +739,20 @@ impl<'a, T, S: SlotStorage<T>> SplitQueue<'a, T, S> {
                 }
                 None => return Ok(n),
             }
+        }
+    }
+
+    /// Hands `f` the id of every used entry the device has published and
+    /// the queue not taken yet, in ring order, unchecked (see
+    /// [`UsedIdHint`]); takes nothing. At most one ring's worth, whatever
+    /// `used.idx` says. Under IN_ORDER a batch has one entry, so one id.
+    #[inline]
+    pub fn peek_used_ids(&self, mut f: impl FnMut(UsedIdHint)) {
+        let ready = self.used_idx().wrapping_sub(self.last_used).min(self.queue_size());
+        let mut at = self.last_used;
+        for _ in 0..ready {
+            f(UsedIdHint(self.used_elem(at).0));
+            at = at.wrapping_add(1);
         }
     }
 

@@ -6,7 +6,7 @@ use crate::layout::{LayoutError, RingFeatures, RingLayout};
 use crate::packed::PackedQueue;
 use crate::slots::{Slot, SlotStorage};
 use crate::split::{QueueConfig, SplitQueue};
-use crate::{Buffer, QueueAddresses, Used, UsedDelay};
+use crate::{Buffer, QueueAddresses, Used, UsedDelay, UsedIdHint};
 
 /// The driver-side operations of a virtqueue, whatever its format. Device
 /// crates write their code against this trait (generic, no `dyn`) or against
@@ -146,6 +146,16 @@ impl<'a, T, S: SlotStorage<T>> Virtqueue<'a, T, S> {
         match self {
             Virtqueue::Split(q) => q.set_chain_frame(frame),
             Virtqueue::Packed(q) => q.set_chain_frame(frame),
+        }
+    }
+
+    /// Hands `f` the unchecked id of each used chain not taken yet
+    /// ([`SplitQueue::peek_used_ids`], [`PackedQueue::peek_used_ids`]).
+    #[inline]
+    pub fn peek_used_ids(&self, f: impl FnMut(UsedIdHint)) {
+        match self {
+            Virtqueue::Split(q) => q.peek_used_ids(f),
+            Virtqueue::Packed(q) => q.peek_used_ids(f),
         }
     }
 

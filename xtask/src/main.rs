@@ -63,7 +63,7 @@ const NO_STD_TARGETS: &[&str] = &["thumbv7em-none-eabihf", "x86_64-unknown-none"
 ///
 /// The `loom` test is deliberately absent: it needs `--cfg loom` and is far too slow under
 /// Miri. Add new test targets here.
-const MIRI_TEST_TARGETS: &[&str] = &["model", "hostile"];
+const MIRI_TEST_TARGETS: &[&str] = &["model", "hostile", "lookahead"];
 
 /// Miri runs: step name and `MIRIFLAGS`.
 ///
@@ -937,7 +937,7 @@ mod tests {
         assert_eq!(
             cmd.display(),
             "PROPTEST_CASES=8 MIRIFLAGS=-Zmiri-strict-provenance cargo +nightly miri test \
-             -p virtio-queue-core --features device-model --lib --test model --test hostile"
+             -p virtio-queue-core --features device-model --lib --test model --test hostile --test lookahead"
         );
     }
 }

@@ -335,7 +335,13 @@ impl<T: Transport> BlkQueue<T> {
         };
         self.waits += 1;
         match slept {
-            Ok(Wait::Signalled) => Slept::Ready,
+            Ok(Wait::Signalled) => {
+                // The batch that woke us is in the device's cache: start
+                // fetching every request's status line before taking any.
+                let areas = &self.areas;
+                self.vq.peek_used_ids(|hint| areas.prefetch_status(hint));
+                Slept::Ready
+            }
             Ok(Wait::TimedOut) => Slept::TimedOut,
             Err(e) => {
                 self.fail_all(&BlkError::Transport(e));
