@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use vblk::server::{DEFAULT_QUEUE_SIZE, DEFAULT_RAM_SIZE, MAX_QUEUES};
+use vblk::server::{DEFAULT_POLL, DEFAULT_QUEUE_SIZE, DEFAULT_RAM_SIZE, MAX_QUEUES};
+
+/// Largest poll window of the embedded server's workers, in µs (`--poll-us`).
+const MAX_POLL_US: u64 = 10_000;
 
 /// Drive virtio-blk devices from user space.
 #[derive(Parser, Debug)]
@@ -48,6 +51,11 @@ pub struct TargetArgs {
     /// Embedded server: serve this image file (its size is the capacity) instead of RAM.
     #[arg(long, value_name = "FILE", conflicts_with = "target")]
     pub image: Option<PathBuf>,
+    /// Embedded server: microseconds its workers keep polling after the last request before
+    /// they sleep until a kick (as `vblk serve --poll-us`; 0: sleep at once).
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL.as_micros() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_POLL_US), conflicts_with = "target")]
+    pub server_poll_us: u64,
     /// Request queues to set up (the embedded server offers this many).
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
@@ -282,6 +290,11 @@ pub struct ServeArgs {
     /// Offer packed virtqueues (VIRTIO_F_RING_PACKED) as well as split ones.
     #[arg(long)]
     pub packed: bool,
+    /// Microseconds each worker keeps polling its queue, with kicks suppressed, after the
+    /// last request it found, before it sleeps until a kick (0: sleep at once).
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL.as_micros() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_POLL_US))]
+    pub poll_us: u64,
 }
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024; "KiB", "KB" and "K"

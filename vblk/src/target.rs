@@ -4,6 +4,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tempfile::TempDir;
 use transport_pci::{PciOptions, PciTransport};
@@ -150,6 +151,7 @@ pub fn open(args: &TargetArgs, ram_size: u64, queue_size: u16) -> Result<Target,
                 queue_size,
                 read_only: false,
                 packed: args.packed,
+                poll: Duration::from_micros(args.server_poll_us),
                 ..ServerOptions::default()
             };
             let server = Server::start(&sock, server_options).map_err(|e| format!("embedded server: {e}"))?;

@@ -8,6 +8,16 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 const VBLK: &str = env!("CARGO_BIN_EXE_vblk");
+
+/// Taken by the tests whose driver or embedded server spins (polling, hybrid waiting, the
+/// server's poll window), so that no two of them share the machine's cores: the hybrid
+/// waiting case counts on its spin getting a core while the server answers.
+static SPINNERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`SPINNERS`] (a test that failed while holding it does not poison the others).
+fn spinners() -> std::sync::MutexGuard<'static, ()> {
+    SPINNERS.lock().unwrap_or_else(|p| p.into_inner())
+}
 const IMAGE_BYTES: u64 = 16 << 20;
 
 fn vblk(args: &[&str]) -> Output {
@@ -284,6 +294,7 @@ const RW: [&str; 5] = ["read", "write", "randread", "randwrite", "randrw"];
 
 #[test]
 fn bench_every_pattern_polling() {
+    let _cores = spinners();
     for rw in RW {
         bench(&["--size", "64M"], rw, "--poll");
     }
@@ -291,6 +302,7 @@ fn bench_every_pattern_polling() {
 
 #[test]
 fn bench_every_pattern_with_interrupts() {
+    let _cores = spinners();
     for rw in RW {
         bench(&["--size", "64M"], rw, "--interrupt");
     }
@@ -298,8 +310,12 @@ fn bench_every_pattern_with_interrupts() {
 
 #[test]
 fn bench_over_vhost_user() {
+    let _cores = spinners();
     let s = Scratch::new();
-    let srv = Serve::start(&s, &["--size", "64M", "--queues", "2"]);
+    // A server that sleeps when its queue is empty (no poll window): the hybrid-waiting case
+    // below spins against it, and on two cores shared with other tests a server spinning
+    // too would keep taking the CPU the driver's spin waits for.
+    let srv = Serve::start(&s, &["--size", "64M", "--queues", "2", "--poll-us", "0"]);
     let v = bench(&["--vhost-user", srv.sock()], "randrw", "--interrupt");
     assert_eq!(v["target"], format!("vhost-user:{}", srv.sock()));
     bench(&["--vhost-user", srv.sock()], "read", "--poll");
@@ -325,6 +341,36 @@ fn bench_over_vhost_user() {
     assert!(v["waits"].as_u64().unwrap() * 2 < ios, "most completions were found by the spin: {v}");
 }
 
+/// The embedded server's poll window, from the command line: a driver that submits again
+/// within it is spared its kick; with no window the server sleeps and needs kicks.
+#[test]
+fn server_polling_spares_the_kicks() {
+    let _cores = spinners();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "--json", "--runtime", "0.3", "--size", "64M", "--iodepth", "1"];
+        args.extend_from_slice(extra);
+        let v = json(&ok(&args));
+        let (ios, kicks) = (v["ios"].as_u64().unwrap(), v["kicks"].as_u64().unwrap());
+        assert!(ios > 0 && v["errors"] == 0, "{v}");
+        (ios, kicks, v)
+    };
+    // Lenient bounds: tests share two cores, and a driver descheduled for longer than the
+    // window kicks.
+    let (ios, kicks, v) = run(&[]);
+    assert!(kicks * 2 < ios, "polling server, default window: {v}");
+    let (ios, kicks, v) = run(&["--interrupt"]);
+    assert!(kicks * 2 < ios, "polling server, interrupt mode: {v}");
+    // Without a window the server still finds requests published while it serves (a debug
+    // build serves slowly), so the bound is only "it kicks": tests/server.rs times it exactly.
+    let (_, kicks, v) = run(&["--server-poll-us", "0"]);
+    assert!(kicks > 0, "a server that sleeps at once: {v}");
+
+    let s = Scratch::new();
+    let srv = Serve::start(&s, &["--size", "64M", "--poll-us", "0"]);
+    let (_, kicks, v) = run(&["--vhost-user", srv.sock()]);
+    assert!(kicks > 0, "vblk serve --poll-us 0: {v}");
+}
+
 #[test]
 fn bad_arguments_and_targets_get_one_line() {
     let s = Scratch::new();
@@ -340,6 +386,10 @@ fn bad_arguments_and_targets_get_one_line() {
         &["bench", "--spin-us", "10"],
         &["bench", "--interrupt", "--spin-us", "0"],
         &["bench", "--interrupt", "--spin-us", "1001"],
+        &["bench", "--server-poll-us", "10001"],
+        &["bench", "--server-poll-us", "-1"],
+        &["bench", "--vhost-user", missing, "--server-poll-us", "10"],
+        &["serve", "--socket", missing, "--poll-us", "10001"],
         &["bench", "--rw", "sideways"],
         &["bench", "--size", "64M", "--offset", "100"],
         &["bench", "--offset", "2G"],
@@ -363,10 +413,13 @@ fn bad_arguments_and_targets_get_one_line() {
     assert!(e.contains("not a multiple"), "{e}");
     let e = fails_with_one_line(&["info", "--vhost-user", missing]);
     assert!(e.contains("No such file"), "{e}");
+    let e = fails_with_one_line(&["bench", "--vhost-user", missing, "--server-poll-us", "10"]);
+    assert!(e.contains("cannot be used with"), "the embedded server's option with a target: {e}");
 }
 
 #[test]
 fn bench_and_verify_on_packed_rings() {
+    let _cores = spinners();
     // For bench, --size is the I/O range; the embedded RAM disk keeps its 1 GiB default.
     let v = bench(&["--size", "64M", "--packed"], "randrw", "--interrupt");
     assert_eq!(v["target"], "embedded-ram:1GiB");

@@ -80,6 +80,8 @@ struct Queue {
     area: usize,
     area_iova: u64,
     next_token: u32,
+    /// Kicks sent: publishes the server did not suppress.
+    kicks: u32,
 }
 
 /// What a request came back with.
@@ -102,6 +104,7 @@ impl Queue {
         self.ring.add(&r, &w, token).map_err(|e| format!("{e:?}")).unwrap();
         if self.ring.publish().unwrap() {
             self.kick.write(1).unwrap();
+            self.kicks += 1;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -262,6 +265,7 @@ impl Client {
                 area: area + RING_AREA,
                 area_iova: mem.base + (area + RING_AREA) as u64,
                 next_token: 0,
+                kicks: 0,
             });
         }
         Client { frontend: fe, features, config, queues, _mem: mem }
@@ -313,6 +317,31 @@ fn write_flush_read_back() {
     assert_eq!(r.data, data);
     // Never-written sectors of the sparse RAM disk read as zeros.
     assert_eq!(c.q().read(5000, 512).data, vec![0u8; 512]);
+}
+
+/// The workers' poll window (`ServerOptions::poll`): a request published within it after the
+/// last one is found without a kick (the server leaves `avail_event` behind while it polls);
+/// with no window the server asks for kicks again as soon as its queue is empty.
+#[test]
+fn a_polling_worker_needs_no_kick_within_its_window() {
+    // (window, pause between a completion and the next request, kicks expected of 10)
+    let cases =
+        [(Duration::from_millis(300), Duration::from_millis(1), 0), (Duration::ZERO, Duration::from_millis(50), 10)];
+    for (window, pause, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(&dir, ServerOptions { poll: window, ..ram(1 << 20) });
+        let mut c = Client::connect(server.socket_path(), 1);
+        assert_ne!(c.features & F_EVENT_IDX, 0);
+        let data = pattern(3, 512);
+        // The worker sleeps until the first request: that one is kicked.
+        assert_eq!(c.q().write(0, &data), S_OK);
+        assert_eq!(c.q().kicks, 1);
+        for i in 1..=10 {
+            std::thread::sleep(pause);
+            assert_eq!(c.q().write(i, &data), S_OK);
+        }
+        assert_eq!(c.q().kicks - 1, expected, "window {window:?}, {pause:?} between requests");
+    }
 }
 
 #[test]
@@ -724,7 +753,8 @@ fn packed_used_buffer_notification_only_when_the_driver_asks() {
 
 fn used_buffer_notification(areas: Areas) {
     let dir = tempfile::tempdir().unwrap();
-    let server = packed_server(&dir);
+    // No poll window: the flags checked below are those of a worker gone back to sleep.
+    let server = start(&dir, ServerOptions { packed: true, poll: Duration::ZERO, ..ram(1 << 20) });
     let mut c = PackedClient::connect(server.socket_path(), areas);
     let data = c.addr(4096);
     if let Areas::At(_, device_at) = areas {

@@ -1,6 +1,7 @@
 //! `vblk serve`: the embedded vhost-user-blk server alone, until killed.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use vblk::server::{Server, ServerOptions, Storage};
 
@@ -19,6 +20,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode, String> {
         read_only: a.read_only,
         serial: a.serial,
         packed: a.packed,
+        poll: Duration::from_micros(a.poll_us),
     };
     let handle = Server::start(&a.socket, options).map_err(|e| e.to_string())?;
     eprintln!(

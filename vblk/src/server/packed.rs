@@ -38,7 +38,7 @@ use vm_memory::{
 use virtio_queue_core::device::{MemoryRegion, PackedAreas, PackedDevice};
 use virtio_queue_core::{RingFeatures, SharedMemory};
 
-use super::device::Desc;
+use super::device::{Desc, Pass};
 
 /// The most descriptors a packed chain may have here (the device model's limit).
 pub(crate) const MAX_CHAIN: usize = virtio_queue_core::device::MAX_CHAIN;
@@ -148,8 +148,9 @@ pub(crate) fn process(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     features: RingFeatures,
     descs: &mut Vec<Desc>,
+    pass: Pass,
     mut serve: impl FnMut(&GuestMemoryMmap, &[Desc]) -> u32,
-) -> io::Result<()> {
+) -> io::Result<usize> {
     let q = state.get_queue();
     let setup = (q.desc_table(), q.avail_ring(), q.used_ring(), q.size());
     let r = match ring {
@@ -160,7 +161,7 @@ pub(crate) fn process(
         }
     };
     if r.broken {
-        return Ok(());
+        return Ok(0);
     }
     let (desc, driver, device, size) = setup;
     let desc_len = usize::from(size) * 16;
@@ -207,6 +208,7 @@ pub(crate) fn process(
     let mem = views.memory();
     let mut failure = None;
     let mut signal = Ok(());
+    let mut served = 0;
     loop {
         dev.disable_kicks();
         loop {
@@ -220,6 +222,7 @@ pub(crate) fn process(
                     }));
                     let used = serve(mem, descs);
                     dev.push_used(&chain, used);
+                    served += 1;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -231,7 +234,7 @@ pub(crate) fn process(
         if dev.publish_used() {
             signal = state.signal_used_queue();
         }
-        if failure.is_some() || signal.is_err() || !dev.enable_kicks() {
+        if failure.is_some() || signal.is_err() || pass == Pass::Poll || !dev.enable_kicks() {
             break;
         }
     }
@@ -242,16 +245,16 @@ pub(crate) fn process(
     state.get_queue_mut().set_next_avail(encode_base(r.avail));
     signal?;
     match failure {
-        Some(e) => broken(r, format!("malformed chain at ring position {}: {e}", r.avail.0)),
-        None => Ok(()),
+        Some(e) => broken(r, format!("malformed chain at ring position {}: {e}", r.avail.0)).map(|_| served),
+        None => Ok(served),
     }
 }
 
-/// Marks the ring broken and says why, once.
-fn broken(r: &mut PackedRing, why: String) -> io::Result<()> {
+/// Marks the ring broken and says why, once; no request served.
+fn broken(r: &mut PackedRing, why: String) -> io::Result<usize> {
     r.broken = true;
     warn!("packed ring broken by the front-end, no longer served: {why}");
-    Ok(())
+    Ok(0)
 }
 
 #[cfg(test)]
