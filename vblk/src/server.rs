@@ -35,6 +35,18 @@
 //! front-end nor `vhost-user-backend` carries the upper 16 bits), and GET_VRING_BASE reports
 //! the avail position in the same encoding.
 //!
+//! ## Kicks and used-buffer notifications
+//!
+//! A kick wakes the queue's worker, which serves every request it finds with kicks
+//! suppressed (EVENT_IDX: `avail_event` left behind; otherwise NO_NOTIFY), then keeps looking
+//! at the queue for [`ServerOptions::poll`] (default [`DEFAULT_POLL`]) after the last request
+//! it found, serving what comes, before it asks for kicks again, looks once more and sleeps.
+//! A front-end that submits within the window sends no kick, and the worker takes no
+//! wake-up; qemu's iothreads poll the same way. With EVENT_IDX the worker looks at the
+//! driver's `used_event` after each used entry, as qemu does, and signals as soon as it is
+//! passed, not at the end of the pass: a driver that asks to hear after half of its batch
+//! hears then, and refills the queue while the other half is served.
+//!
 //! ## Requests
 //!
 //! Requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES are served. Every request is
