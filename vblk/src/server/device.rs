@@ -245,13 +245,23 @@ impl BlkBackend {
         }
     }
 
-    /// Serves one packed queue through the device model.
+    /// Serves one packed queue through the device model, building its memory views again
+    /// whenever the front-end changed the memory table under a pass.
     fn process_packed(&self, vring: &VringMutex, q: &mut QueueState, pass: Pass) -> io::Result<usize> {
         let features = RingFeatures::from_bits_truncate(self.conn.acked.load(Ordering::Relaxed));
         let QueueState { descs, packed, views } = q;
-        let views = MemoryViews::current(views, &self.conn.mem);
-        let mut state = vring.get_mut();
-        packed::process(packed, views, &mut state, features, descs, pass, |mem, d| self.serve(mem, d))
+        let mut served = 0;
+        loop {
+            let current = MemoryViews::current(views, &self.conn.mem);
+            let mut state = vring.get_mut();
+            let p = packed::process(packed, current, &self.conn.mem, &mut state, features, descs, pass, |mem, d| {
+                self.serve(mem, d)
+            })?;
+            served += p.served;
+            if !p.stale {
+                return Ok(served);
+            }
+        }
     }
 
     /// Pops and completes every available chain of one split queue, with kicks suppressed
@@ -262,8 +272,6 @@ impl BlkBackend {
     /// looks again soon).
     fn process_split(&self, vring: &VringMutex, descs: &mut Vec<Desc>, pass: Pass) -> io::Result<usize> {
         let mut state = vring.get_mut();
-        let guard = self.conn.mem.memory();
-        let mem: &GuestMemoryMmap = &guard;
         let event_idx = self.conn.event_idx.load(Ordering::Relaxed);
         let mut served = 0;
         loop {
@@ -272,7 +280,20 @@ impl BlkBackend {
             let mut unannounced = false;
             // `next_used` when it did.
             let mut announced_at = state.get_queue().next_used();
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+            loop {
+                // The memory table is taken after the request is seen, never before: a
+                // front-end adds the memory a request uses (ADD_MEM_REG, acknowledged)
+                // before it publishes the request, so a table taken after the acquire load
+                // of `avail.idx` holds it, while one taken earlier (before this thread was
+                // preempted, say) may not, and the request would fail with an I/O error.
+                let q = state.get_queue();
+                let next_avail = q.next_avail();
+                if q.avail_idx(&*self.conn.mem.memory(), Ordering::Acquire).map_err(io::Error::other)?.0 == next_avail {
+                    break;
+                }
+                let guard = self.conn.mem.memory();
+                let mem: &GuestMemoryMmap = &guard;
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else { break };
                 let head = chain.head_index();
                 let used = self.handle_chain(mem, chain, descs);
                 state.add_used(head, used).map_err(io::Error::other)?;

@@ -89,6 +89,11 @@ impl MemoryViews {
         cached.get_or_insert_with(|| MemoryViews::new(mem))
     }
 
+    /// Whether the views were built from `atomic`'s current memory map.
+    fn is_current(&self, atomic: &GuestMemoryAtomic<GuestMemoryMmap>) -> bool {
+        Arc::ptr_eq(&self.mem, &atomic.memory().into_inner())
+    }
+
     /// The memory map the views were built from.
     pub(crate) fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
@@ -138,19 +143,33 @@ fn encode_base((pos, wrap): (u16, bool)) -> u16 {
     (pos & 0x7fff) | (u16::from(wrap) << 15)
 }
 
+/// What [`process`] did.
+pub(crate) struct Processed {
+    /// Requests served.
+    pub(crate) served: usize,
+    /// The front-end changed the memory table since `views` were built, and a request is
+    /// waiting that may use the new memory: build the views again and process again.
+    pub(crate) stale: bool,
+}
+
 /// Serves every available chain of one packed queue, then records where the ring stands.
 ///
 /// `serve` executes one request given its buffers and returns the used length. The queue's
 /// `next_avail` is kept equal to the encoded avail position, so GET_VRING_BASE is right.
+/// `views` must be current for `atomic` when called; a chain seen available after the table
+/// changed is left for the next call (see [`Processed::stale`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn process(
     ring: &mut Option<PackedRing>,
     views: &MemoryViews,
+    atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     features: RingFeatures,
     descs: &mut Vec<Desc>,
     pass: Pass,
     mut serve: impl FnMut(&GuestMemoryMmap, &[Desc]) -> u32,
-) -> io::Result<usize> {
+) -> io::Result<Processed> {
+    let done = |served| Ok(Processed { served, stale: false });
     let q = state.get_queue();
     let setup = (q.desc_table(), q.avail_ring(), q.used_ring(), q.size());
     let r = match ring {
@@ -161,7 +180,7 @@ pub(crate) fn process(
         }
     };
     if r.broken {
-        return Ok(0);
+        return done(0);
     }
     let (desc, driver, device, size) = setup;
     let desc_len = usize::from(size) * 16;
@@ -209,9 +228,20 @@ pub(crate) fn process(
     let mut failure = None;
     let mut signal = Ok(());
     let mut served = 0;
+    let mut stale = false;
     loop {
         dev.disable_kicks();
         loop {
+            // The memory table is looked at after the chain is seen available, as for split
+            // rings (`process_split` in device.rs): the front-end adds the memory a request
+            // uses before it makes the request available.
+            if !dev.avail_pending() {
+                break;
+            }
+            if !views.is_current(atomic) {
+                stale = true;
+                break;
+            }
             match dev.pop_avail() {
                 Ok(Some(chain)) => {
                     descs.clear();
@@ -234,7 +264,7 @@ pub(crate) fn process(
         if dev.publish_used() {
             signal = state.signal_used_queue();
         }
-        if failure.is_some() || signal.is_err() || pass == Pass::Poll || !dev.enable_kicks() {
+        if failure.is_some() || signal.is_err() || stale || pass == Pass::Poll || !dev.enable_kicks() {
             break;
         }
     }
@@ -245,16 +275,16 @@ pub(crate) fn process(
     state.get_queue_mut().set_next_avail(encode_base(r.avail));
     signal?;
     match failure {
-        Some(e) => broken(r, format!("malformed chain at ring position {}: {e}", r.avail.0)).map(|_| served),
-        None => Ok(served),
+        Some(e) => broken(r, format!("malformed chain at ring position {}: {e}", r.avail.0)).and_then(|_| done(served)),
+        None => Ok(Processed { served, stale }),
     }
 }
 
 /// Marks the ring broken and says why, once; no request served.
-fn broken(r: &mut PackedRing, why: String) -> io::Result<usize> {
+fn broken(r: &mut PackedRing, why: String) -> io::Result<Processed> {
     r.broken = true;
     warn!("packed ring broken by the front-end, no longer served: {why}");
-    Ok(0)
+    Ok(Processed { served: 0, stale: false })
 }
 
 #[cfg(test)]

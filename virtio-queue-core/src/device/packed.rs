@@ -182,6 +182,13 @@ impl<'a> PackedDevice<'a> {
         unsafe { self.ring.load_u16(self.desc_off(pos) + off::PACKED_DESC_FLAGS, Ordering::Acquire) }
     }
 
+    /// Whether the driver has made the next chain available (an acquire load
+    /// of its first descriptor's flags, as [`pop_avail`](Self::pop_avail)
+    /// does): what a device looks at before it decides how to read the chain.
+    pub fn avail_pending(&self) -> bool {
+        is_avail(self.load_flags(self.avail_pos), self.avail_wrap)
+    }
+
     /// Takes the next available chain, if the driver made one available.
     ///
     /// On an error the device state is unchanged (the same call fails again).
