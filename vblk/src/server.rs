@@ -47,6 +47,10 @@
 //! passed, not at the end of the pass: a driver that asks to hear after half of its batch
 //! hears then, and refills the queue while the other half is served.
 //!
+//! The memory table is taken per request, after the request is seen available: a front-end
+//! adds the memory a request uses (ADD_MEM_REG, acknowledged) before it publishes the
+//! request, so only a table taken after that holds it.
+//!
 //! ## Requests
 //!
 //! Requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES are served. Every request is
