@@ -66,7 +66,7 @@ pub(crate) struct Device {
     pub(crate) packed: bool,
     pub(crate) id: [u8; ID_LEN],
     /// How long a worker keeps looking at its queue after the last request it found (see
-    /// `VhostUserBlk::handle_event`); zero: it re-enables kicks and sleeps at once.
+    /// `BlkBackend::serve_and_poll`); zero: it re-enables kicks and sleeps at once.
     pub(crate) poll: Duration,
 }
 
@@ -153,7 +153,6 @@ impl From<Fail> for u8 {
 
 type GM = GuestMemoryAtomic<GuestMemoryMmap>;
 
-/// What a queue's worker keeps between events.
 /// Whether the driver's `used_event` (EVENT_IDX, virtio 1.2 §2.7.10) lies in `[old, next)`,
 /// the used entries added since the device last looked: read without a fence, so only a
 /// hint that `needs_notification` should look; a failed read says no (the end-of-pass look
@@ -178,6 +177,7 @@ pub(crate) enum Pass {
     Rearm,
 }
 
+/// What a queue's worker keeps between events.
 struct QueueState {
     /// Descriptor scratch space, reused across requests.
     descs: Vec<Desc>,
@@ -231,36 +231,49 @@ impl BlkBackend {
         }
     }
 
-    /// Serves one pass of this worker's queue (`pass` of [`VhostUserBlk::process_split`]);
-    /// returns the requests served.
-    fn process(&self, vring: &VringMutex, thread_id: usize, pass: Pass) -> io::Result<usize> {
+    /// Serves one pass of this worker's queue (see [`Pass`]); returns the requests served.
+    /// `kicks_on`: kicks may be enabled, so the pass suppresses them before it serves. A
+    /// pass after a [`Pass::Poll`] finds them off already and does not write the ring's
+    /// suppression field again: the driver reads it, and split rings without EVENT_IDX keep
+    /// it in the line of `used.idx`, which a polling driver reads all the time.
+    fn process(&self, vring: &VringMutex, thread_id: usize, pass: Pass, kicks_on: bool) -> io::Result<usize> {
         let Some(q) = self.conn.queues.get(thread_id) else {
             return Ok(0);
         };
         let mut q = q.lock().unwrap_or_else(|p| p.into_inner());
         if self.acked(F_RING_PACKED) {
-            self.process_packed(vring, &mut q, pass)
+            self.process_packed(vring, &mut q, pass, kicks_on)
         } else {
-            self.process_split(vring, &mut q.descs, pass)
+            self.process_split(vring, &mut q.descs, pass, kicks_on)
         }
     }
 
     /// Serves one packed queue through the device model, building its memory views again
     /// whenever the front-end changed the memory table under a pass.
-    fn process_packed(&self, vring: &VringMutex, q: &mut QueueState, pass: Pass) -> io::Result<usize> {
+    fn process_packed(&self, vring: &VringMutex, q: &mut QueueState, pass: Pass, kicks_on: bool) -> io::Result<usize> {
         let features = RingFeatures::from_bits_truncate(self.conn.acked.load(Ordering::Relaxed));
         let QueueState { descs, packed, views } = q;
         let mut served = 0;
+        let mut kicks_on = kicks_on;
         loop {
             let current = MemoryViews::current(views, &self.conn.mem);
             let mut state = vring.get_mut();
-            let p = packed::process(packed, current, &self.conn.mem, &mut state, features, descs, pass, |mem, d| {
-                self.serve(mem, d)
-            })?;
+            let p = packed::process(
+                packed,
+                current,
+                &self.conn.mem,
+                &mut state,
+                features,
+                descs,
+                (pass, kicks_on),
+                |mem, d| self.serve(mem, d),
+            )?;
             served += p.served;
             if !p.stale {
                 return Ok(served);
             }
+            // A stale pass stops before it asks for kicks again.
+            kicks_on = false;
         }
     }
 
@@ -270,47 +283,62 @@ impl BlkBackend {
     /// until a look after the request finds nothing, so a request the driver published
     /// without kicking is never left behind; [`Pass::Poll`] leaves kicks off (the worker
     /// looks again soon).
-    fn process_split(&self, vring: &VringMutex, descs: &mut Vec<Desc>, pass: Pass) -> io::Result<usize> {
+    fn process_split(
+        &self,
+        vring: &VringMutex,
+        descs: &mut Vec<Desc>,
+        pass: Pass,
+        kicks_on: bool,
+    ) -> io::Result<usize> {
         let mut state = vring.get_mut();
         let event_idx = self.conn.event_idx.load(Ordering::Relaxed);
         let mut served = 0;
+        let mut kicks_on = kicks_on;
         loop {
-            state.disable_notification().map_err(io::Error::other)?;
+            if kicks_on {
+                state.disable_notification().map_err(io::Error::other)?;
+            }
             // Used entries added since `needs_notification` last looked (it resets its count).
             let mut unannounced = false;
             // `next_used` when it did.
             let mut announced_at = state.get_queue().next_used();
-            loop {
-                // The memory table is taken after the request is seen, never before: a
+            'rounds: loop {
+                // The memory table is taken after the requests are seen, never before: a
                 // front-end adds the memory a request uses (ADD_MEM_REG, acknowledged)
                 // before it publishes the request, so a table taken after the acquire load
                 // of `avail.idx` holds it, while one taken earlier (before this thread was
                 // preempted, say) may not, and the request would fail with an I/O error.
+                // So each round serves the requests published up to the index it read.
                 let q = state.get_queue();
-                let next_avail = q.next_avail();
-                if q.avail_idx(&*self.conn.mem.memory(), Ordering::Acquire).map_err(io::Error::other)?.0 == next_avail {
+                let avail = q.avail_idx(&*self.conn.mem.memory(), Ordering::Acquire).map_err(io::Error::other)?;
+                let ready = avail.0.wrapping_sub(q.next_avail());
+                if ready == 0 {
                     break;
                 }
                 let guard = self.conn.mem.memory();
                 let mem: &GuestMemoryMmap = &guard;
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else { break };
-                let head = chain.head_index();
-                let used = self.handle_chain(mem, chain, descs);
-                state.add_used(head, used).map_err(io::Error::other)?;
-                served += 1;
-                unannounced = true;
-                // With EVENT_IDX the driver says after which used entry it wants to hear
-                // (`used_event`): look after each one, as qemu does, so a driver that asked
-                // for the middle of a batch hears then and refills the queue while the rest
-                // is served, instead of after the whole pass. The look here is a plain
-                // read; the fenced one (`needs_notification`) runs when it says yes and at
-                // the end of the pass, which is what makes a wake-up impossible to miss.
-                let next = state.get_queue().next_used();
-                if event_idx && used_event_passed(state.get_queue(), mem, announced_at, next) {
-                    announced_at = next;
-                    unannounced = false;
-                    if state.needs_notification().map_err(io::Error::other)? {
-                        state.signal_used_queue()?;
+                for _ in 0..ready {
+                    // An index more than a ring ahead pops nothing: the pass ends.
+                    let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else { break 'rounds };
+                    let head = chain.head_index();
+                    let used = self.handle_chain(mem, chain, descs);
+                    state.add_used(head, used).map_err(io::Error::other)?;
+                    served += 1;
+                    unannounced = true;
+                    // With EVENT_IDX the driver says after which used entry it wants to hear
+                    // (`used_event`): look after each one, as qemu does, so a driver that
+                    // asked for the middle of a batch hears then and refills the queue while
+                    // the rest is served, instead of after the whole pass. The look here is
+                    // a plain read; the fenced one (`needs_notification`) runs when it says
+                    // yes and at the end of the pass, which is what makes a wake-up
+                    // impossible to miss.
+                    let next = state.get_queue().next_used();
+                    if event_idx && used_event_passed(state.get_queue(), mem, announced_at, next) {
+                        announced_at = next;
+                        unannounced = false;
+                        if state.needs_notification().map_err(io::Error::other)? {
+                            state.signal_used_queue()?;
+                        }
                     }
                 }
             }
@@ -320,6 +348,7 @@ impl BlkBackend {
             if pass == Pass::Poll || !state.enable_notification().map_err(io::Error::other)? {
                 return Ok(served);
             }
+            kicks_on = true;
         }
     }
 
@@ -333,19 +362,23 @@ impl BlkBackend {
     /// get in between, and each pass sees the current memory table.
     fn serve_and_poll(&self, vring: &VringMutex, thread_id: usize) -> io::Result<()> {
         let poll = self.dev.poll;
+        // A kick woke the worker, so kicks are on: the last pass before it slept asked for them.
         if poll.is_zero() {
-            return self.process(vring, thread_id, Pass::Rearm).map(drop);
+            return self.process(vring, thread_id, Pass::Rearm, true).map(drop);
         }
         let mut until = Instant::now() + poll;
+        let mut kicks_on = true;
         loop {
-            let served = self.process(vring, thread_id, Pass::Poll)?;
+            let served = self.process(vring, thread_id, Pass::Poll, kicks_on)?;
+            kicks_on = false;
             let now = Instant::now();
             if served > 0 {
                 until = now + poll;
             } else if now >= until {
-                if self.process(vring, thread_id, Pass::Rearm)? == 0 {
+                if self.process(vring, thread_id, Pass::Rearm, false)? == 0 {
                     return Ok(());
                 }
+                kicks_on = true;
                 until = now + poll;
             } else {
                 std::hint::spin_loop();

@@ -91,7 +91,7 @@ impl MemoryViews {
 
     /// Whether the views were built from `atomic`'s current memory map.
     fn is_current(&self, atomic: &GuestMemoryAtomic<GuestMemoryMmap>) -> bool {
-        Arc::ptr_eq(&self.mem, &atomic.memory().into_inner())
+        std::ptr::eq::<GuestMemoryMmap>(&*self.mem, &*atomic.memory())
     }
 
     /// The memory map the views were built from.
@@ -157,7 +157,8 @@ pub(crate) struct Processed {
 /// `serve` executes one request given its buffers and returns the used length. The queue's
 /// `next_avail` is kept equal to the encoded avail position, so GET_VRING_BASE is right.
 /// `views` must be current for `atomic` when called; a chain seen available after the table
-/// changed is left for the next call (see [`Processed::stale`]).
+/// changed is left for the next call (see [`Processed::stale`]). `pass` and `kicks_on` are as
+/// for `BlkBackend::process` in device.rs.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn process(
     ring: &mut Option<PackedRing>,
@@ -166,7 +167,7 @@ pub(crate) fn process(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     features: RingFeatures,
     descs: &mut Vec<Desc>,
-    pass: Pass,
+    (pass, kicks_on): (Pass, bool),
     mut serve: impl FnMut(&GuestMemoryMmap, &[Desc]) -> u32,
 ) -> io::Result<Processed> {
     let done = |served| Ok(Processed { served, stale: false });
@@ -229,8 +230,11 @@ pub(crate) fn process(
     let mut signal = Ok(());
     let mut served = 0;
     let mut stale = false;
+    let mut kicks_on = kicks_on;
     loop {
-        dev.disable_kicks();
+        if kicks_on {
+            dev.disable_kicks();
+        }
         loop {
             // The memory table is looked at after the chain is seen available, as for split
             // rings (`process_split` in device.rs): the front-end adds the memory a request
@@ -267,6 +271,7 @@ pub(crate) fn process(
         if failure.is_some() || signal.is_err() || stale || pass == Pass::Poll || !dev.enable_kicks() {
             break;
         }
+        kicks_on = true;
     }
     // Saved before any error is returned: the chains popped so far are completed, and
     // serving them again would repeat their requests.
