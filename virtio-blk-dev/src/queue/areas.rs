@@ -105,7 +105,10 @@ impl RequestAreas {
     /// [`status_word`]: Self::status_word
     #[inline(always)]
     pub fn prefetch_status(&self, hint: UsedIdHint) {
-        let Some(off) = (hint.unchecked() as usize).checked_mul(AREA).filter(|&o| o < self.mem.len()) else {
+        let Some(off) = (hint.unchecked() as usize)
+            .checked_mul(AREA)
+            .filter(|&o| o.checked_add(AREA).is_some_and(|end| end <= self.mem.len()))
+        else {
             return;
         };
         let line = self.mem.as_ptr().wrapping_add(off + A_STATUS);
