@@ -47,9 +47,10 @@
 //! passed, not at the end of the pass: a driver that asks to hear after half of its batch
 //! hears then, and refills the queue while the other half is served.
 //!
-//! The memory table is taken per request, after the request is seen available: a front-end
-//! adds the memory a request uses (ADD_MEM_REG, acknowledged) before it publishes the
-//! request, so only a table taken after that holds it.
+//! The memory table is taken after the requests are seen available (once per look at
+//! `avail.idx`, for the requests published up to it): a front-end adds the memory a request
+//! uses (ADD_MEM_REG, acknowledged) before it publishes the request, so only a table taken
+//! after that holds it.
 //!
 //! ## Requests
 //!
